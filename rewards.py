@@ -1,0 +1,213 @@
+"""Turn-level (R^T) and outcome (R^O) rewards of MT-GRPO (PAPER.md, "Rewards").
+
+Every function here is pure: it reads an episode's messages (the chat as a list of
+{"role", "content"} dicts, as built by tool_env) and the gold aliases, and returns a
+number. The two sums the algorithm uses are
+
+    R^T = tool_execution + search_has_answer                      (about turn 1)
+    R^O = exact_match + contains_answer + format + xml            (about the outcome)
+
+with the reference's weights (all 1, i.e. maxima 0.2, 0.5 | 1.0, 0.5, 0.2, 0.2);
+`turn_reward` and `outcome_reward` also return every component for logging.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+# TriviaQA's evaluation treats these quote marks as punctuation too.
+_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u00b4", "`"}
+TAGS = ("reasoning", "tool", "answer")
+
+TURN_WEIGHTS = {"tool_execution": 1.0, "search_has_answer": 1.0}
+OUTCOME_WEIGHTS = {"exact_match": 1.0, "contains_answer": 1.0, "format": 1.0, "xml": 1.0}
+
+
+def normalize_answer(s: str) -> str:
+    """TriviaQA's official normalization (evaluation/triviaqa_evaluation.py):
+    underscores and punctuation become spaces, lowercase, the articles a/an/the are
+    removed, whitespace is collapsed. The dataset's `normalized_aliases` are in
+    this form."""
+    s = s.replace("_", " ").lower()
+    s = "".join(" " if ch in _PUNCT else ch for ch in s)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, aliases: list[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized alias, else 0.0."""
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in aliases if normalize_answer(a)))
+
+
+def _contains(haystack: str, aliases: list[str]) -> bool:
+    """A normalized alias occurs in the normalized text as whole words."""
+    h = f" {normalize_answer(haystack)} "
+    return any(f" {a} " in h for a in map(normalize_answer, aliases) if a)
+
+
+# ---------------------------------------------------------------------------------
+# Reading an episode
+
+
+def assistant_messages(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "assistant"]
+
+
+def tool_results(messages: list[dict]) -> list[str]:
+    """Texts of the environment's <result> messages, in order. Only the first
+    assistant turn's result counts as "the" search result, but all are returned.
+    The few-shot demonstration, if any, comes before the first "Question:" message
+    and is skipped."""
+    out = []
+    for m in _episode(messages):
+        c = m["content"]
+        if m["role"] == "user" and c.startswith("<result>"):
+            out.append(c[len("<result>") :].removesuffix("</result>").strip())
+    return out
+
+
+def _episode(messages: list[dict]) -> list[dict]:
+    """The messages from the last "Question:" user message on (skips a few-shot demo)."""
+    start = 0
+    for i, m in enumerate(messages):
+        if m["role"] == "user" and m["content"].startswith("Question:"):
+            start = i
+    return messages[start:]
+
+
+def final_answer(messages: list[dict]) -> str | None:
+    """The content of the last <answer>...</answer> of the episode, or None."""
+    for text in reversed(assistant_messages(_episode(messages))):
+        found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+        if found:
+            return found[-1].strip()
+    return None
+
+
+# ---------------------------------------------------------------------------------
+# Turn-level rewards (about the tool call)
+
+
+def tool_execution_reward(messages: list[dict], weight: float = 0.2) -> float:
+    """weight x (successful calls / attempted calls); 0 if no call was attempted.
+
+    An attempted call is one the environment answered with a <result>; it succeeded
+    unless the result starts with "Error:". Fix of the reference's quirk: there, a
+    tool's own error text that did not start with "Error:" counted as a success;
+    here the environment (tool_env.run_tool_call) turns *every* failure (parse,
+    validation, exception, empty output) into an "Error:" result.
+    """
+    results = tool_results(messages)
+    if not results:
+        return 0.0
+    ok = sum(not r.startswith("Error:") for r in results)
+    return weight * ok / len(results)
+
+
+def search_has_answer_reward(messages: list[dict], aliases: list[str], weight: float = 0.5) -> float:
+    """weight if a gold alias occurs (normalized, whole words) in the first tool
+    result, else 0. An error result earns nothing even if it quotes the answer."""
+    results = tool_results(messages)
+    if not results or results[0].startswith("Error:"):
+        return 0.0
+    return weight * _contains(results[0], aliases)
+
+
+# ---------------------------------------------------------------------------------
+# Outcome rewards (about the final answer)
+
+
+def exact_match_reward(messages: list[dict], aliases: list[str], weight: float = 1.0) -> float:
+    """weight if the last <answer> equals a gold alias after normalize_answer.
+    (The reference only lowercased and stripped.)"""
+    ans = final_answer(messages)
+    return 0.0 if ans is None else weight * exact_match(ans, aliases)
+
+
+def contains_answer_reward(
+    messages: list[dict], aliases: list[str], weight: float = 0.5, max_words: int = 10
+) -> float:
+    """weight if a gold alias occurs in the last <answer> as whole words, and the
+    answer has at most `max_words` words. Fix of the reference's quirk: an answer
+    that pastes a whole passage no longer collects this reward."""
+    ans = final_answer(messages)
+    if ans is None or len(normalize_answer(ans).split()) > max_words:
+        return 0.0
+    return weight * _contains(ans, aliases)
+
+
+def _format_score(text: str) -> float:
+    """Fraction of four checks an assistant message passes: it starts with
+    <reasoning>; it has a closed <reasoning>...</reasoning>; it has exactly one
+    closed <tool> or <answer> block, after the reasoning; it ends with </tool> or
+    </answer>. A message that writes a <result> itself (only the environment may)
+    scores 0."""
+    t = text.strip()
+    if "<result>" in t or "</result>" in t:
+        return 0.0
+    reasoning = re.search(r"<reasoning>.*?</reasoning>", t, re.S)
+    actions = re.findall(r"<(tool|answer)>.*?</\1>", t, re.S)
+    checks = [
+        t.startswith("<reasoning>"),
+        reasoning is not None,
+        len(actions) == 1 and reasoning is not None and t.find(f"<{actions[0]}>") >= reasoning.end(),
+        t.endswith("</tool>") or t.endswith("</answer>"),
+    ]
+    return sum(checks) / len(checks)
+
+
+def format_reward(messages: list[dict], weight: float = 0.2) -> float:
+    """weight x the mean over assistant messages of `_format_score`.
+    Fix of the reference's quirk: its "spacing" check was always awarded; every
+    check here can fail."""
+    texts = assistant_messages(_episode(messages))
+    if not texts:
+        return 0.0
+    return weight * sum(map(_format_score, texts)) / len(texts)
+
+
+def _xml_score(text: str) -> float:
+    """Per tag used in the message (reasoning, tool, answer): 0.5 for opening
+    exactly once, 0.5 for closing exactly once; mean over the used tags, 0 if none."""
+    used = [t for t in TAGS if f"<{t}>" in text or f"</{t}>" in text]
+    if not used:
+        return 0.0
+    return sum(0.5 * (text.count(f"<{t}>") == 1) + 0.5 * (text.count(f"</{t}>") == 1) for t in used) / len(used)
+
+
+def xml_reward(messages: list[dict], weight: float = 0.2) -> float:
+    """weight x the mean over assistant messages of `_xml_score`."""
+    texts = assistant_messages(_episode(messages))
+    if not texts:
+        return 0.0
+    return weight * sum(map(_xml_score, texts)) / len(texts)
+
+
+# ---------------------------------------------------------------------------------
+# The sums
+
+
+def turn_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
+    """R^T = tool_execution + search_has_answer, each times its weight (default 1).
+    Returns (R^T, {component: weighted value})."""
+    w = {**TURN_WEIGHTS, **(weights or {})}
+    parts = {
+        "tool_execution": w["tool_execution"] * tool_execution_reward(messages),
+        "search_has_answer": w["search_has_answer"] * search_has_answer_reward(messages, aliases),
+    }
+    return sum(parts.values()), parts
+
+
+def outcome_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
+    """R^O = exact_match + contains_answer + format + xml, each times its weight
+    (default 1). Returns (R^O, {component: weighted value})."""
+    w = {**OUTCOME_WEIGHTS, **(weights or {})}
+    parts = {
+        "exact_match": w["exact_match"] * exact_match_reward(messages, aliases),
+        "contains_answer": w["contains_answer"] * contains_answer_reward(messages, aliases),
+        "format": w["format"] * format_reward(messages),
+        "xml": w["xml"] * xml_reward(messages),
+    }
+    return sum(parts.values()), parts

@@ -1,0 +1,140 @@
+"""Tests of the tasks: the embedded Factbook task and the TriviaQA code path."""
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+import tool_env
+from rewards import _contains, normalize_answer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE = os.path.join(HERE, "fixtures", "triviaqa")
+
+
+@pytest.fixture(scope="module")
+def factbook():
+    splits = {s: tool_env.load_task("factbook", s) for s in tool_env.SPLITS}
+    corpus = tool_env.load_corpus("factbook")
+    return splits, corpus
+
+
+@pytest.fixture(scope="module")
+def index(factbook):
+    return tool_env.SearchIndex(factbook[1])
+
+
+def test_schema_and_size(factbook):
+    splits, corpus = factbook
+    for ds in splits.values():
+        assert set(ds.column_names) == {"question_id", "question", "answer", "source"}
+        assert set(ds[0]["answer"]) == {"value", "aliases", "normalized_aliases"}
+    sizes = {s: len(ds) for s, ds in splits.items()}
+    total = sum(sizes.values())
+    assert total >= 1000
+    # about 80/10/10
+    assert 0.75 < sizes["train"] / total < 0.85 and 0.06 < sizes["test"] / total < 0.14
+    ids = [q for ds in splits.values() for q in ds["question_id"]]
+    assert len(ids) == len(set(ids))
+    row = splits["train"][0]
+    assert row["answer"]["normalized_aliases"] == sorted({normalize_answer(a) for a in row["answer"]["aliases"]})
+
+
+def test_splits_disjoint_by_country(factbook):
+    splits, _ = factbook
+    # question ids are factbook-{country code}-{template}
+    countries = {s: {q.split("-")[1] for q in ds["question_id"]} for s, ds in splits.items()}
+    assert not countries["train"] & countries["validation"]
+    assert not countries["train"] & countries["test"]
+    assert not countries["validation"] & countries["test"]
+    # also by the country name in the source title
+    names = {s: {src.split(" - ")[0] for src in ds["source"]} for s, ds in splits.items()}
+    assert not names["train"] & names["test"]
+
+
+def test_every_answer_is_in_its_source_passage(factbook):
+    splits, corpus = factbook
+    by_title = {p["title"]: p["text"] for p in corpus}
+    assert len(by_title) == len(corpus)  # titles are unique
+    for ds in splits.values():
+        for row in ds:
+            assert _contains(by_title[row["source"]], row["answer"]["aliases"]), row
+
+
+def test_no_answer_is_shared_by_many_countries(factbook):
+    splits, _ = factbook
+    rows = [r for ds in splits.values() for r in ds]
+    shared = Counter((r["question_id"].split("-")[2], normalize_answer(a)) for r in rows for a in r["answer"]["aliases"])
+    assert max(shared.values()) <= 3
+
+
+@pytest.mark.parametrize("question, alias, title", [
+    # the top passage need not be the source passage, but it must hold the answer
+    ("What is the capital of Egypt?", "Cairo", "Egypt - People and Society - Major urban areas - population"),
+    ("What is the highest point in Egypt?", "Mount Catherine", "Egypt - Geography - Elevation"),
+    ("What is the lowest point in Jordan?", "Dead Sea", "Jordan - Geography - Elevation"),
+    ("What is the name of the national anthem of Slovenia?", "Zdravljica", "Slovenia - Government - National anthem(s)"),
+    ("Name a national symbol of Algeria.", "fennec fox", "Algeria - Government - National symbol(s)"),
+    ("What is the local short-form name of Egypt?", "Misr", "Egypt - Government - Country name"),
+])
+def test_retrieval_finds_known_passages(index, question, alias, title):
+    top = index.retrieve(question, k=1)
+    assert index.passages[top[0]]["title"] == title
+    assert _contains(index.search(question, k=1), [alias])
+
+
+def test_factbook_examples_from_the_data(factbook):
+    splits, _ = factbook
+    rows = {r["question_id"]: r for ds in splits.values() for r in ds}
+    eg = rows["factbook-eg-highest_point"]
+    assert eg["question"] == "What is the highest point in Egypt?"
+    assert eg["answer"]["value"] == "Mount Catherine"
+    assert "Mt. Catherine" in eg["answer"]["aliases"]
+    aj = rows["factbook-aj-capital"]
+    assert aj["answer"]["aliases"] == ["Baku", "Baki", "Baky"]
+
+
+def test_triviaqa_local_fixture():
+    train = tool_env.load_task(f"triviaqa:{FIXTURE}", "train")
+    assert len(train) == 3
+    assert set(train.column_names) == {"question_id", "question", "answer", "source"}
+    row = train[0]
+    assert row["question_id"] == "tc_1" and row["source"] == "Florence"
+    assert row["answer"]["normalized_aliases"] == ["firenze", "florence", "florence italy"]
+    val = tool_env.load_task(f"triviaqa:{FIXTURE}", "validation")
+    assert val[0]["answer"]["value"] == "Japan"
+    corpus = tool_env.load_corpus(os.path.join(FIXTURE, "corpus.jsonl"))
+    tools = tool_env.make_tools(corpus)
+    out = tools["wiki_search"](query=row["question"])
+    assert out.startswith("Florence\n") and _contains(out, row["answer"]["aliases"])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="no test.jsonl"):
+        tool_env.load_task(f"triviaqa:{FIXTURE}", "test")
+    with pytest.raises(ValueError, match="unknown task 'squad'"):
+        tool_env.load_task("squad", "train")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        tool_env.load_task("factbook", "dev")
+    with pytest.raises(FileNotFoundError, match="search corpus 'nope.jsonl' not found"):
+        tool_env.load_corpus("nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "a", "text": "b"}\n{"title": "a"}\n')
+    with pytest.raises(ValueError, match="passage 2 needs string fields"):
+        tool_env.load_corpus(str(bad))
+    bad.write_text('{"title": "a", "text": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        tool_env.load_corpus(str(bad))
+
+
+def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
+    # offline and with an empty cache, as on a machine that never downloaded it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "import tool_env; tool_env.load_task('triviaqa', 'train')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: could not load TriviaQA")
+    assert "--task triviaqa:PATH" in last

@@ -1,0 +1,157 @@
+"""Tests of rewards.py on crafted episodes, with hand-computed expectations."""
+
+import pytest
+
+from rewards import (
+    _format_score,
+    _xml_score,
+    contains_answer_reward,
+    exact_match,
+    final_answer,
+    format_reward,
+    normalize_answer,
+    outcome_reward,
+    search_has_answer_reward,
+    tool_execution_reward,
+    turn_reward,
+    xml_reward,
+)
+
+ALIASES = ["Mount Catherine", "Mt. Catherine"]
+CALL = '<reasoning>search</reasoning>\n<tool>{"name": "wiki_search", "args": {"query": "Egypt highest point"}}</tool>'
+GOOD_RESULT = "<result>\nEgypt - Geography - Elevation\nhighest point: Mount Catherine 2,629 m\n</result>"
+BAD_RESULT = "<result>\nEgypt - Geography - Coastline\n2,450 km\n</result>"
+ERROR_RESULT = "<result>\nError: invalid JSON inside <tool>: Expecting value at character 0\n</result>"
+
+
+def episode(*turns):
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Question: highest point in Egypt?"}]
+    for i, t in enumerate(turns):
+        msgs.append({"role": "assistant" if i % 2 == 0 else "user", "content": t})
+    return msgs
+
+
+def answer(a):
+    return f"<reasoning>found it</reasoning>\n<answer>{a}</answer>"
+
+
+@pytest.mark.parametrize("s, expected", [
+    ("The Beatles", "beatles"),
+    ("  Mt. Catherine ", "mt catherine"),
+    ("rock_and_roll", "rock and roll"),
+    ("O'Brien", "o brien"),
+    ("\u2018quoted\u2019 `x\u00b4", "quoted x"),
+    ("A Tale of Two Cities", "tale of two cities"),
+    ("theatre an anthem", "theatre anthem"),  # articles only as whole words
+    ("U.S.A.", "u s"),  # "a" left alone by the dots becomes an article and is removed, as in TriviaQA
+    ("Bilady, Bilady, Bilady", "bilady bilady bilady"),
+    ("", ""),
+])
+def test_normalize_answer(s, expected):
+    assert normalize_answer(s) == expected
+
+
+def test_exact_match():
+    assert exact_match("mt catherine", ALIASES) == 1.0
+    assert exact_match("The Mount Catherine.", ALIASES) == 1.0
+    assert exact_match("Mount Sinai", ALIASES) == 0.0
+    assert exact_match("Catherine", ALIASES) == 0.0
+    assert exact_match("", ["", "the"]) == 0.0  # empty aliases never match
+
+
+def test_correct_episode():
+    msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
+    rt, parts = turn_reward(msgs, ALIASES)
+    assert parts == {"tool_execution": 0.2, "search_has_answer": 0.5}
+    assert rt == pytest.approx(0.7)
+    ro, parts = outcome_reward(msgs, ALIASES)
+    assert parts["exact_match"] == 1.0 and parts["contains_answer"] == 0.5
+    assert parts["format"] == pytest.approx(0.2) and parts["xml"] == pytest.approx(0.2)
+    assert ro == pytest.approx(1.9)
+
+
+def test_wrong_answer_after_useless_search():
+    msgs = episode(CALL, BAD_RESULT, answer("Mount Sinai"))
+    rt, parts = turn_reward(msgs, ALIASES)
+    assert parts == {"tool_execution": 0.2, "search_has_answer": 0.0}
+    ro, parts = outcome_reward(msgs, ALIASES)
+    assert parts["exact_match"] == 0.0 and parts["contains_answer"] == 0.0
+    assert ro == pytest.approx(0.4)
+
+
+def test_error_result_is_a_failed_call():
+    # the error text quotes nothing useful, and an error never counts as the search result
+    msgs = episode("<tool>{oops}</tool>", ERROR_RESULT, answer("Mount Catherine"))
+    assert tool_execution_reward(msgs) == 0.0
+    assert search_has_answer_reward(msgs, ALIASES) == 0.0
+    msgs = episode("<tool>x</tool>", "<result>\nError: Mount Catherine not found\n</result>", answer("x"))
+    assert search_has_answer_reward(msgs, ALIASES) == 0.0
+
+
+def test_two_calls_one_failed():
+    msgs = episode(CALL, ERROR_RESULT, CALL, GOOD_RESULT, answer("Mt Catherine"))
+    assert tool_execution_reward(msgs) == pytest.approx(0.1)  # 0.2 * 1/2
+    assert search_has_answer_reward(msgs, ALIASES) == 0.0  # only the first result counts
+
+
+def test_no_tool_call():
+    msgs = episode(answer("Mount Catherine"))
+    rt, parts = turn_reward(msgs, ALIASES)
+    assert rt == 0.0 and parts == {"tool_execution": 0.0, "search_has_answer": 0.0}
+    ro, _ = outcome_reward(msgs, ALIASES)
+    assert ro == pytest.approx(1.9)
+
+
+def test_pasted_passage_earns_no_contains():
+    paste = "Egypt - Geography - Elevation highest point: Mount Catherine 2,629 m lowest point: Qattara Depression"
+    msgs = episode(CALL, GOOD_RESULT, answer(paste))
+    assert contains_answer_reward(msgs, ALIASES) == 0.0
+    assert contains_answer_reward(episode(answer("It is Mount Catherine")), ALIASES) == 0.5
+    # whole words only: "Catherine" alone is not "Mount Catherine", and "Mt. Catherineville" is not either
+    assert contains_answer_reward(episode(answer("Catherine")), ALIASES) == 0.0
+    assert contains_answer_reward(episode(answer("Mt. Catherineville")), ALIASES) == 0.0
+
+
+def test_final_answer_is_the_last_one_and_skips_fewshot():
+    demo = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "Question: demo"},
+        {"role": "assistant", "content": "<reasoning>r</reasoning><answer>Mount Catherine</answer>"},
+        {"role": "user", "content": "Question: real"},
+        {"role": "assistant", "content": "no tags at all"},
+    ]
+    assert final_answer(demo) is None
+    assert outcome_reward(demo, ALIASES)[1] == {"exact_match": 0.0, "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
+    msgs = episode("<answer>a</answer> <answer>b</answer>")
+    assert final_answer(msgs) == "b"
+
+
+def test_malformed_format_and_xml():
+    # starts with reasoning, has reasoning, one action after it, ends right: 4/4
+    assert _format_score(CALL) == 1.0
+    # no reasoning: only "ends with an action tag" passes -> 1/4
+    assert _format_score("<answer>x</answer>") == pytest.approx(1 / 4)
+    # writes a <result> itself: 0, whatever else is right
+    assert _format_score("<reasoning>r</reasoning><answer>x</answer><result>y</result>") == 0.0
+    assert _format_score("<reasoning>r</reasoning><result>y</result><answer>x</answer>") == 0.0
+    # both tool and answer -> the one-action check fails -> 3/4
+    assert _format_score("<reasoning>r</reasoning><tool>{}</tool><answer>x</answer>") == pytest.approx(3 / 4)
+    # the action must come after the reasoning -> 3/4
+    assert _format_score("<reasoning><answer>x</answer></reasoning></answer>") == pytest.approx(3 / 4)
+    # plain text -> 0
+    assert _format_score("Cairo") == 0.0
+
+    assert _xml_score("<reasoning>a</reasoning><answer>b</answer>") == 1.0
+    assert _xml_score("<reasoning>a<reasoning></reasoning><answer>b") == pytest.approx((0.5 + 0.5) / 2)
+    assert _xml_score("no tags") == 0.0
+    msgs = episode(CALL, GOOD_RESULT, "Cairo")
+    assert format_reward(msgs) == pytest.approx(0.2 * (1 + 0) / 2)
+    assert xml_reward(msgs) == pytest.approx(0.2 * (1 + 0) / 2)
+
+
+def test_weights():
+    msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
+    rt, parts = turn_reward(msgs, ALIASES, weights={"search_has_answer": 2.0})
+    assert rt == pytest.approx(0.2 + 1.0)
+    ro, _ = outcome_reward(msgs, ALIASES, weights={"format": 0.0, "xml": 0.0, "contains_answer": 0.0})
+    assert ro == 1.0

