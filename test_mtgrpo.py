@@ -1,0 +1,355 @@
+"""Tests of mtgrpo.py and train.py: advantages, loss, masks, log-prob consistency,
+checkpoint/resume, and one end-to-end step with the real embedded model."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import mtgrpo
+import tool_env
+import train
+
+Q = [
+    {"question_id": "q1", "question": "What is the capital of Egypt?", "answer": {"aliases": ["Cairo"]}},
+    {"question_id": "q2", "question": "What is the highest point in Egypt?", "answer": {"aliases": ["Mount Catherine"]}},
+]
+CORPUS = [
+    {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N, 31 15 E"},
+    {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m; lowest point: Qattara Depression -133 m"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return mtgrpo.load_model("smollm2-135m", "cpu")[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer, tmp_path_factory):
+    """A tiny randomly initialized Llama with the real tokenizer, saved as a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return tool_env.make_tools(CORPUS)
+
+
+# ------------------------------------------------------------------ advantages
+
+def test_advantages_two_groups_hand_computed():
+    # group 1: R^O = [2, 0, 1] (mean 1, std 1), R^T = [0.7, 0.2, 0.45] (mean 0.45, std 0.25)
+    # group 2: R^O = [0.4, 0.4, 0.4] (zero variance), R^T = [0, 0.2, 0.4] (mean 0.2, std 0.2)
+    r_o = torch.tensor([2.0, 0.0, 1.0, 0.4, 0.4, 0.4])
+    r_t = torch.tensor([0.7, 0.2, 0.45, 0.0, 0.2, 0.4])
+    # prompt token, two turn-1 tokens, an env token, one turn-2 token; row 2 has no tool result
+    turns = torch.tensor([[0, 1, 1, 0, 2]] * 6)
+    turns[2] = torch.tensor([0, 1, 1, 1, 0])
+    e = 1e-4
+    no = [2 / (1 + e) * 0.5, -1 / (1 + e), 0.0, 0.0, 0.0, 0.0]  # norm(R^O)
+    no[0] = 1 / (1 + e)
+    nt = [0.25 / (0.25 + e), -0.25 / (0.25 + e), 0.0, -0.2 / (0.2 + e), 0.0, 0.2 / (0.2 + e)]  # norm(R^T)
+    # merged R^O + R^T: group 1 [2.7, 0.2, 1.45] (mean 1.45, std 1.25); group 2 [0.4, 0.6, 0.8] (mean 0.6, std 0.2)
+    nm = [1.25 / (1.25 + e), -1.25 / (1.25 + e), 0.0, -0.2 / (0.2 + e), 0.0, 0.2 / (0.2 + e)]
+
+    def expect(turn1, turn2):
+        out = torch.zeros(6, 5)
+        for i in range(6):
+            for j in range(5):
+                t = int(turns[i, j])
+                out[i, j] = turn1[i] if t == 1 else turn2[i] if t >= 2 else 0.0
+        return out
+
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-or")
+    torch.testing.assert_close(adv, expect(no, no))
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-mr")
+    torch.testing.assert_close(adv, expect(nm, nm))
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "mt-grpo")
+    torch.testing.assert_close(adv, expect([a + b for a, b in zip(no, nt)], no))
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "mt-grpo", turn_coef=0.5)
+    torch.testing.assert_close(adv, expect([a + 0.5 * b for a, b in zip(no, nt)], no))
+    # the zero-variance group gives exactly 0 from R^O, never NaN
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-or")
+    assert torch.equal(adv[3:], torch.zeros(3, 5))
+    # the reference's fallback: row 2 (no tool result) gets the merged advantage
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "mt-grpo", merged_fallback=True)
+    torch.testing.assert_close(adv[2], torch.tensor([0.0, nm[2], nm[2], nm[2], 0.0]))
+    torch.testing.assert_close(adv[0], torch.tensor([0.0, no[0] + nt[0], no[0] + nt[0], 0.0, no[0]]))
+    # Dr. GRPO: centered, not scaled
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-or", scale="none")
+    torch.testing.assert_close(adv[:3, 4], torch.tensor([1.0, -1.0, 0.0]))
+    torch.testing.assert_close(adv[2, 1:4], torch.tensor([0.0, 0.0, 0.0]))
+
+
+def test_advantages_bad_input():
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        mtgrpo.compute_advantages(torch.zeros(6), torch.zeros(6), torch.ones(6, 2, dtype=torch.long), 4, "mt-grpo")
+    with pytest.raises(ValueError, match="unknown method"):
+        mtgrpo.compute_advantages(torch.zeros(2), torch.zeros(2), torch.ones(2, 2, dtype=torch.long), 2, "ppo")
+
+
+# ------------------------------------------------------------------ loss
+
+def test_mu1_ratio_one_gives_reinforce_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, st = mtgrpo.policy_loss(logp, logp.detach(), adv, mask)
+    assert st["ratio_min"] == 1.0 and st["ratio_max"] == 1.0 and st["clip_frac"] == 0.0
+    loss.backward()
+    # d/dlogp of -sum(mask * A * exp(logp - old)) / 5 at ratio 1 is -mask * A / 5
+    torch.testing.assert_close(logp.grad, -(adv * mask) / 5)
+    assert loss.item() == pytest.approx(-(3 * 1 - 2 * 2) / 5)
+
+
+def test_clipping_on_crafted_ratios():
+    old = torch.zeros(1, 4)
+    logp = torch.tensor([[math.log(1.5), math.log(1.5), math.log(0.5), math.log(0.5)]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    loss, st = mtgrpo.policy_loss(logp, old, adv, mask, eps=0.2, aggregation="dr-grpo", normalizer=1.0)
+    # per token: -min(1.5, 1.2) = -1.2 (clipped); -min(-1.5, -1.2) = 1.5; -min(0.5, 0.8) = -0.5; -min(-0.5, -0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx(-1.2 + 1.5 - 0.5 + 0.8)
+    assert st["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    # clipped tokens get no gradient; the others get -A * ratio
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 1.5, -0.5, 0.0]]))
+    # eps_high widens only the upper side: ratio 1.5 < 1 + 0.6 is not clipped
+    loss, _ = mtgrpo.policy_loss(logp.detach(), old, adv, mask, eps=0.2, eps_high=0.6, aggregation="dr-grpo", normalizer=1.0)
+    assert float(loss) == pytest.approx(-1.5 + 1.5 - 0.5 + 0.8)
+
+
+def test_token_mean_vs_seq_mean_on_unequal_lengths():
+    # seq 1: one token with loss 1; seq 2: three tokens with loss 3 (A = -1 and -3 at ratio 1)
+    logp = torch.zeros(2, 3)
+    adv = torch.tensor([[-1.0, 0.0, 0.0], [-3.0, -3.0, -3.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    tm, _ = mtgrpo.policy_loss(logp, logp, adv, mask, aggregation="token-mean")
+    sm, _ = mtgrpo.policy_loss(logp, logp, adv, mask, aggregation="seq-mean")
+    dr, _ = mtgrpo.policy_loss(logp, logp, adv, mask, aggregation="dr-grpo", normalizer=10.0)
+    assert float(tm) == pytest.approx((1 + 9) / 4)
+    assert float(sm) == pytest.approx((1 + 3) / 2)
+    assert float(dr) == pytest.approx(10 / 10)
+
+
+def test_kl_term():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -2.0]])
+    loss, st = mtgrpo.policy_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), beta=0.1, ref_logp=ref)
+    k3 = math.exp(-0.5) + 0.5 - 1  # exp(d) - d - 1 with d = ref - logp = -0.5
+    assert st["kl"] == pytest.approx(k3 / 2)
+    assert float(loss) == pytest.approx(0.1 * k3 / 2)
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
+        mtgrpo.policy_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), beta=0.1)
+
+
+def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    episodes = []
+    for n in (5, 9, 12, 7):
+        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+        mask = [0, 0] + [1] * (n - 2)
+        episodes.append(mtgrpo.Episode("q", "q", [], ids, mask, mask, [0.0] * n, []))
+    advs = [torch.randn(len(e.token_ids), generator=g) for e in episodes]
+    total = sum(sum(e.loss_mask) for e in episodes)
+
+    def grads(groups):
+        model.zero_grad()
+        for grp in groups:
+            b = mtgrpo.collate([episodes[i] for i in grp], [advs[i] for i in grp], tokenizer.pad_token_id)
+            logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask)
+            loss, _ = mtgrpo.policy_loss(logp, logp.detach(), b.advantages, b.loss_mask, normalizer=total)
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    one = grads([[0, 1, 2, 3]])
+    many = grads(mtgrpo.micro_batches([len(e.token_ids) for e in episodes], max_tokens=20))
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # sorted by length 5, 7, 9, 12: 5 and 7 pad to 2 x 7 = 14 <= 20; 3 x 9 > 20; 2 x 12 > 20
+    assert mtgrpo.micro_batches([5, 9, 12, 7], 20) == [[0, 3], [1], [2]]
+
+
+# ------------------------------------------------------------------ sampling, masks, consistency
+
+def scripted(tokenizer, query):
+    turn1 = f'<reasoning>look it up</reasoning><tool>{{"name": "wiki_search", "args": {{"query": "{query}"}}}}</tool>'
+    turn2 = "<reasoning>found</reasoning><answer>Cairo</answer>"
+    return tokenizer.encode(turn1, add_special_tokens=False) + tokenizer.encode(turn2, add_special_tokens=False)
+
+
+def run_scripted(model, tokenizer, tools, queries, **kw):
+    force = [scripted(tokenizer, q) if q else tokenizer.encode("<answer>x</answer>", add_special_tokens=False) for q in queries]
+    return mtgrpo.sample_episodes(model, tokenizer, Q, tools, group_size=len(queries) // 2, max_turn_tokens=48,
+                                  temperature=1.0, generator=torch.Generator().manual_seed(0), force=force, **kw)
+
+
+def check_consistency(model, tokenizer, episodes, tol=1e-4):
+    b = mtgrpo.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, 1.0)
+    m = b.loss_mask.bool()
+    assert m.sum() > 0
+    diff = (logp[m] - b.sample_logp[m]).abs().max()
+    assert diff < tol, float(diff)
+
+
+def test_multi_turn_masks_and_token_in_token_out(tiny, tokenizer, tools):
+    model, _ = tiny
+    # rows of different prompt lengths, tool results of different lengths, one no-tool episode
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
+    e = eps[0]
+    assert e.end_reason == "answer" and e.num_turns == 2
+    assert [m["role"] for m in e.messages[-3:]] == ["assistant", "user", "assistant"]
+    assert e.messages[-2]["content"].startswith("<result>\nEgypt - Government - Capital")
+    # the sampled ids are exactly the scripted ids (never re-tokenized)
+    sampled = [t for t, m in zip(e.token_ids, e.loss_mask) if m]
+    assert sampled == scripted(tokenizer, "capital of Egypt")
+    # environment tokens: loss mask 0, turn 0, and they are the chat template's rendering
+    env = [j for j in range(len(e.token_ids)) if e.token_turns[j] == 0 and j >= e.token_turns.index(1)]
+    assert env and all(e.loss_mask[j] == 0 for j in env)
+    env_text = tokenizer.decode([e.token_ids[j] for j in env])
+    assert "<result>" in env_text and "</result>" in env_text and env_text.endswith("<|im_start|>assistant\n")
+    # turns: 1 before the result, 2 after it
+    first2 = e.token_turns.index(2)
+    assert all(t in (0, 1) for t in e.token_turns[:first2]) and e.loss_mask[first2] == 1
+    # the no-tool episode is all turn 1
+    assert eps[3].num_turns == 1 and eps[3].end_reason == "answer"
+    # the collated attention mask covers env tokens (they are attended to), the loss mask does not
+    b = mtgrpo.collate(eps, [torch.zeros(len(x.token_ids)) for x in eps], tokenizer.pad_token_id)
+    assert all(b.attention_mask[0, j] == 1 and b.loss_mask[0, j] == 0 for j in env)
+
+
+def test_env_tokens_are_attended_to(tiny, tokenizer, tools):
+    """Changing the tool result changes the log-probs of the answer tokens."""
+    model, _ = tiny
+    a = run_scripted(model, tokenizer, tools, ["capital of Egypt"] * 2)[0]
+    other = tool_env.make_tools([{"title": "Egypt - Government - Capital", "text": "something else entirely"}])
+    b = run_scripted(model, tokenizer, other, ["capital of Egypt"] * 2)[0]
+    la = [lp for lp, t in zip(a.sample_logp, a.token_turns) if t == 2]
+    lb = [lp for lp, t in zip(b.sample_logp, b.token_turns) if t == 2]
+    assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) > 1e-4
+
+
+def test_logprob_consistency_tiny_model(tiny, tokenizer, tools):
+    model, _ = tiny
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
+    check_consistency(model, tokenizer, eps)
+    # free sampling too, with the fewshot prompt (long prompt) and the turn budget
+    free = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 3, 20, 1.0, 50, fewshot=True,
+                                  generator=torch.Generator().manual_seed(3))
+    assert {e.end_reason for e in free} <= {"budget", "no_action", "answer", "tool", "tool_limit"}
+    check_consistency(model, tokenizer, free)
+
+
+def test_greedy_sampler_equals_one_at_a_time(tiny, tokenizer, tools):
+    """The batched sampler (padding, holes, compaction) gives the same tokens as
+    sampling each episode alone."""
+    model, _ = tiny
+    queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
+    force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]  # scripts end early, then greedy
+    kw = dict(max_turn_tokens=24, temperature=0.0)
+    batched = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 2, force=force, **kw)
+    for i, ep in enumerate(batched):
+        alone = mtgrpo.sample_episodes(model, tokenizer, [Q[i // 2]], tools, 1, force=[force[i]], **kw)[0]
+        assert alone.token_ids == ep.token_ids
+
+
+# ------------------------------------------------------------------ train.py
+
+def train_args(tiny_path, out, steps, extra=()):
+    return ["--model", tiny_path, "--steps", str(steps), "--questions-per-step", "2", "--group-size", "2",
+            "--max-turn-tokens", "12", "--output-dir", str(out), "--save-every", "1", "--lr", "1e-3",
+            "--device", "cpu", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+def fake_scores(episodes):
+    """A deterministic reward that depends on the sampled tokens, so that a random
+    tiny model gets non-zero advantages and really updates (rewards.py is tested
+    on its own)."""
+    for i, e in enumerate(episodes):
+        sampled = [t for t, m in zip(e.token_ids, e.loss_mask) if m]
+        e.turn_reward = float(sampled[0] % 2)
+        e.outcome_reward = i % 2 + 0.1 * (sum(sampled) % 3)  # i % 2: never a zero-variance group of 2
+        e.components = {"tool_execution": 0.0, "search_has_answer": 0.0, "exact_match": 0.0,
+                        "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
+
+
+def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    _, path = tiny
+    monkeypatch.setattr(mtgrpo, "score_episodes", fake_scores)
+    assert train.main(train_args(path, tmp_path / "full", 3)) == 0
+    assert train.main(train_args(path, tmp_path / "cut", 2)) == 0
+    # "crash" after step 2: resume to step 3
+    assert train.main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3]
+    assert all(r["trained_episodes"] > 0 and r["grad_norm"] > 0 for r in full)  # real updates happened
+    for key in ("loss", "R_O", "sampled_tokens", "entropy", "grad_norm", "clip_frac"):
+        assert cut[2][key] == full[2][key], key
+    assert cut[1]["loss"] == full[1]["loss"]
+    # the checkpoint loads with plain transformers
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "checkpoint")
+    # a finished run is not silently overwritten
+    with pytest.raises(SystemExit, match="already has a run"):
+        train.main(train_args(path, tmp_path / "cut", 3))
+
+
+def test_train_cli_rejects_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--group-size", "1"])
+    assert "--group-size must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(["--resume", "--output-dir", str(tmp_path / "none")])
+
+
+def test_questions_for_step_is_a_seeded_permutation():
+    seen = [i for s in range(5) for i in train.questions_for_step(10, s, 2, seed=7)]
+    assert sorted(seen) == list(range(10))  # one epoch covers every question once
+    assert train.questions_for_step(10, 3, 2, 7) == train.questions_for_step(10, 3, 2, 7)
+    assert train.questions_for_step(10, 0, 2, 7) != train.questions_for_step(10, 0, 2, 8)
+
+
+# ------------------------------------------------------------------ the real embedded model
+
+def test_real_model_logprob_consistency(tokenizer, tools):
+    model, _ = mtgrpo.load_model("smollm2-135m", "cpu")
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "Egypt", "highest point Egypt", None])
+    assert eps[0].num_turns == 2
+    check_consistency(model, tokenizer, eps)
+
+
+def test_real_model_end_to_end_one_step(tmp_path):
+    out = tmp_path / "run"
+    args = ["--steps", "1", "--group-size", "2", "--questions-per-step", "2", "--max-turn-tokens", "32",
+            "--output-dir", str(out), "--device", "cpu", "--fewshot"]
+    assert train.main(args) == 0
+    (rec,) = read_log(out)
+    for key in ("R_T", "R_O", "exact_match", "format", "tool_call_rate", "tool_success", "clip_frac", "kl",
+                "adv_turn1", "time_sample", "time_update", "loss", "sampled_tokens"):
+        assert key in rec and math.isfinite(rec[key]), key
+    # entropy is measured on the episodes that were trained (those with a non-zero advantage)
+    assert (rec["entropy"] is None) == (rec["trained_episodes"] == 0)
+    assert rec["logp_diff"] < 1e-3
+    assert os.path.exists(out / "checkpoint" / "model.safetensors")

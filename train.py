@@ -1,0 +1,335 @@
+"""Train a tool-using agent with MT-GRPO (or the GRPO-OR / GRPO-MR baselines).
+
+Each step: pick `--questions-per-step` questions, roll out `--group-size` (G) episodes
+for each (mtgrpo.sample_episodes), score them with R^T and R^O (rewards.py), turn
+the rewards into per-token advantages (mtgrpo.compute_advantages), then take `--mu`
+AdamW steps on the clipped loss (mtgrpo.policy_loss), with gradient accumulation
+over micro-batches of at most `--micro-batch-tokens` padded tokens.
+
+Simplifications against the paper's setup (PAPER.md): one process, one device, no
+vLLM or DeepSpeed; sampling uses the training model itself with a KV cache.
+
+    python train.py                                   # CPU-sized defaults, embedded model, factbook
+    python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
+    python train.py --resume --output-dir runs/mt-grpo   # continue after a crash
+
+Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (model
+loadable with transformers' from_pretrained, plus optimizer and RNG state), replaced
+atomically every `--save-every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+
+import torch
+
+import mtgrpo
+import tool_env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
+    a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
+    a("--corpus", default=None, help="search corpus: 'factbook' or a JSONL of {title, text} (default: factbook for factbook)")
+    a("--method", default="mt-grpo", choices=mtgrpo.METHODS)
+    a("--steps", type=int, default=20)
+    a("--questions-per-step", type=int, default=2)
+    a("--group-size", type=int, default=4, help="G, rollouts per question")
+    a("--lr", type=float, default=1e-6)
+    a("--warmup-steps", type=int, default=0, help="linear warm-up, in optimizer steps")
+    a("--grad-clip", type=float, default=0.1)
+    a("--mu", type=int, default=2, help="optimizer steps per generated batch")
+    a("--beta", type=float, default=0.0, help="KL coefficient (a reference model is loaded only if > 0)")
+    a("--eps", type=float, default=0.2)
+    a("--eps-high", type=float, default=None)
+    a("--aggregation", default="token-mean", choices=mtgrpo.AGGREGATIONS)
+    a("--scale", default="std", choices=("std", "none"), help="divide advantages by the group std, or not (Dr. GRPO)")
+    a("--turn-coef", type=float, default=1.0, help="weight of norm(R^T) on turn-1 tokens (mt-grpo)")
+    a("--merged-fallback", action="store_true", help="reference rule: episodes without a tool result get the merged advantage")
+    a("--temperature", type=float, default=0.9)
+    a("--top-k", type=int, default=50)
+    a("--max-turn-tokens", type=int, default=128)
+    a("--max-tool-calls", type=int, default=1)
+    a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
+    a("--fewshot", action="store_true", help="put a one-shot tool-use demonstration before the question")
+    a("--micro-batch-tokens", type=int, default=4096)
+    a("--seed", type=int, default=0)
+    a("--output-dir", default="runs/default")
+    a("--eval-every", type=int, default=0, help="greedy validation every N steps (0: never)")
+    a("--eval-questions", type=int, default=32)
+    a("--save-every", type=int, default=10)
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    a("--device", default=None)
+    args = p.parse_args(argv)
+    for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.group_size < 2:
+        p.error("--group-size must be at least 2: advantages are relative to the group")
+    if args.lr <= 0 or args.temperature < 0 or args.eps <= 0 or args.beta < 0:
+        p.error("--lr and --eps must be positive, --temperature and --beta non-negative")
+    return args
+
+
+# ----------------------------------------------------------------------------------
+
+
+def questions_for_step(n_rows: int, step: int, k: int, seed: int) -> list[int]:
+    """Row indices of step `step`: a seeded permutation per epoch, so any step's
+    questions follow from (seed, step) alone and resuming needs no data state."""
+    out = []
+    for j in range(step * k, step * k + k):
+        epoch, pos = divmod(j, n_rows)
+        perm = list(range(n_rows))
+        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        out.append(perm[pos])
+    return out
+
+
+def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
+    """Means of every reward component and the tool-use rates of a batch."""
+    n = len(episodes)
+    stats = {k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}
+    stats["R_T"] = sum(e.turn_reward for e in episodes) / n
+    stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
+    called = [e for e in episodes if e.components["tool_execution"] > 0 or _attempted(e)]
+    stats["tool_call_rate"] = len(called) / n
+    stats["tool_success"] = sum(_success_frac(e) for e in called) / max(len(called), 1)
+    stats["em"] = stats["exact_match"]
+    stats["turns"] = sum(e.num_turns for e in episodes) / n
+    stats["sampled_tokens"] = sum(sum(e.loss_mask) for e in episodes) / n
+    stats["episode_tokens"] = sum(len(e.token_ids) for e in episodes) / n
+    for reason, c in Counter(e.end_reason for e in episodes).items():
+        stats[f"end_{reason}"] = c / n
+    return stats
+
+
+def _attempted(e) -> bool:
+    import rewards
+
+    return bool(rewards.tool_results(e.messages))
+
+
+def _success_frac(e) -> float:
+    import rewards
+
+    res = rewards.tool_results(e.messages)
+    return sum(not r.startswith("Error:") for r in res) / max(len(res), 1)
+
+
+def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None) -> dict:
+    """`args.mu` optimizer steps on the clipped loss over all episodes, accumulating
+    gradients over micro-batches; the loss normalizer is that of the whole batch."""
+    device = next(model.parameters()).device
+    masks = [sum(e.loss_mask) for e in episodes]
+    normalizer = {
+        "token-mean": max(sum(masks), 1),
+        "seq-mean": len(episodes),
+        "dr-grpo": len(episodes) * args.max_turn_tokens * (args.max_tool_calls + 1),
+    }[args.aggregation]
+    # With beta = 0, an episode whose advantages are all 0 adds exactly 0 to the
+    # gradient (the normalizer above still counts its tokens): skip its passes.
+    # Early in training most groups have equal rewards, so this saves a lot.
+    todo = [i for i, a in enumerate(advantages) if args.beta > 0 or bool(a.any())]
+    groups = [[todo[j] for j in g] for g in mtgrpo.micro_batches([len(episodes[i].token_ids) for i in todo], args.micro_batch_tokens)]
+    totals = Counter()
+    model.train()
+    for it in range(args.mu):
+        optimizer.zero_grad(set_to_none=True)
+        ent_sum = tok_sum = 0.0
+        for g in groups:
+            b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device)
+            logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, with_entropy=True)
+            # mu = 1: the batch is used once, on-policy, so the ratio is exactly 1
+            old = logp.detach() if args.mu == 1 else b.sample_logp
+            ref = None
+            if ref_model is not None:
+                with torch.inference_mode():
+                    ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature)
+                ref = ref.clone()
+            loss, st = mtgrpo.policy_loss(
+                logp, old, b.advantages, b.loss_mask, eps=args.eps, eps_high=args.eps_high, beta=args.beta,
+                ref_logp=ref, aggregation=args.aggregation, normalizer=normalizer,
+            )
+            loss.backward()
+            n_tok = float(b.loss_mask.sum())
+            totals["loss"] += float(loss)
+            totals["clip_frac"] += st["clip_frac"] * n_tok
+            totals["kl"] += st["kl"] * n_tok
+            totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
+            totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
+            m = b.loss_mask.bool()
+            if it == 0:
+                totals["logp_diff"] = max(totals["logp_diff"], float((logp.detach()[m] - b.sample_logp[m]).abs().max()) if m.any() else 0.0)
+            ent_sum += float(ent[m].sum())
+            tok_sum += n_tok
+        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        totals["entropy"] += ent_sum / max(tok_sum, 1)
+        totals["tokens"] += tok_sum
+    mu = args.mu
+    return {
+        "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"], 1),
+        "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
+        "ratio_min": totals["ratio_min"], "ratio_max": totals["ratio_max"], "grad_norm": totals["grad_norm"] / mu,
+        "logp_diff": totals["logp_diff"], "lr": scheduler.get_last_lr()[0], "micro_batches": len(groups),
+        "trained_episodes": len(todo),
+    }
+
+
+def mean_adv_per_turn(advantages, episodes) -> dict:
+    out = {}
+    for k in (1, 2):
+        vals = [float(a[j]) for a, e in zip(advantages, episodes) for j, t in enumerate(e.token_turns) if t == k]
+        out[f"adv_turn{k}"] = sum(vals) / len(vals) if vals else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, generator, step, args):
+    """model + tokenizer (save_pretrained) + trainer state, into a temp folder that
+    then replaces OUTPUT_DIR/checkpoint, so a kill never leaves a half checkpoint."""
+    final = os.path.join(out_dir, "checkpoint")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({
+        "step": step, "config": vars(args), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, os.path.join(tmp, "trainer_state.pt"))
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    state = None
+    if args.resume:
+        if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+            sys.exit(f"error: --resume: no checkpoint in {ckpt}")
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        saved = state["config"]
+        for key in ("method", "task", "group_size", "questions_per_step", "seed", "lr", "mu"):
+            if saved.get(key) != getattr(args, key):
+                print(f"warning: --{key.replace('_', '-')} differs from the checkpoint ({saved.get(key)} -> {getattr(args, key)})")
+    elif os.path.exists(log_path):
+        sys.exit(f"error: {args.output_dir} already has a run; pass --resume to continue it or choose another --output-dir")
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = args.device or mtgrpo.default_device()
+    model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)
+    ref_model = None
+    if args.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if not state else mtgrpo.load_model(args.model, device)[0].eval().requires_grad_(False)
+    train_rows = tool_env.load_task(args.task, "train")
+    if len(train_rows) == 0:
+        sys.exit(f"error: task {args.task!r} has no training questions")
+    corpus = tool_env.load_corpus(args.corpus or ("factbook" if args.task == "factbook" else _need_corpus()))
+    tools = tool_env.make_tools(corpus, args.search_chars)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warm = max(args.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        _truncate_log(log_path, start)  # drop lines of steps after the checkpoint
+    else:
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    eval_rows = None
+    if args.eval_every:
+        import evaluate
+
+        val = tool_env.load_task(args.task, "validation")
+        eval_rows = [val[i] for i in range(min(args.eval_questions, len(val)))]
+
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        rows = [train_rows[i] for i in questions_for_step(len(train_rows), step, args.questions_per_step, args.seed)]
+        model.eval()
+        episodes = mtgrpo.sample_episodes(
+            model, tokenizer, rows, tools, args.group_size, args.max_turn_tokens, args.temperature, args.top_k,
+            args.max_tool_calls, args.fewshot, generator,
+        )
+        t1 = time.time()
+        mtgrpo.score_episodes(episodes)
+        L = max(len(e.token_ids) for e in episodes)
+        turns = torch.zeros(len(episodes), L, dtype=torch.long)
+        for r, e in enumerate(episodes):
+            turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
+        adv = mtgrpo.compute_advantages(
+            torch.tensor([e.turn_reward for e in episodes]), torch.tensor([e.outcome_reward for e in episodes]),
+            turns, args.group_size, args.method, args.turn_coef, args.scale, merged_fallback=args.merged_fallback,
+        )
+        advantages = [adv[r, : len(e.token_ids)] for r, e in enumerate(episodes)]
+        t2 = time.time()
+        upd = update(model, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id, ref_model)
+        t3 = time.time()
+        rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
+               "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
+        if eval_rows and (step + 1) % args.eval_every == 0:
+            m, _ = evaluate.evaluate(model, tokenizer, eval_rows, tools, fewshot=args.fewshot,
+                                     max_turn_tokens=args.max_turn_tokens, max_tool_calls=args.max_tool_calls)
+            rec.update({f"eval_{k}": v for k, v in m.items()})
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(args.output_dir, model, tokenizer, optimizer, scheduler, generator, step + 1, args)
+    print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
+    return 0
+
+
+def _need_corpus():
+    sys.exit("error: --task triviaqa needs --corpus PATH, a JSONL of {\"title\", \"text\"} passages")
+
+
+def _truncate_log(path, step):
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
