@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train bench clean
+.PHONY: install test train clean
 
 install: $(STAMP)
 

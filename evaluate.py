@@ -131,9 +131,10 @@ def _rgb(a: float, scale: float) -> tuple[int, int, int]:
     return (255, int(255 * (1 + x)), int(255 * (1 + x)))
 
 
-def render(tokenizer, episode: mtgrpo.Episode, adv: torch.Tensor) -> tuple[str, str]:
-    """(ANSI text, HTML page) of one rollout, tokens coloured by advantage."""
-    scale = float(adv.abs().max()) or 1.0
+def render(tokenizer, episode: mtgrpo.Episode, adv: torch.Tensor, scale: float | None = None) -> tuple[str, str]:
+    """(ANSI text, HTML page) of one rollout, tokens coloured by advantage; full
+    colour at |A| = scale (default: this rollout's largest |A|)."""
+    scale = scale or float(adv.abs().max()) or 1.0
     ansi, page = [], []
     prev_turn = 0
     for j, tok in enumerate(episode.token_ids):
@@ -178,7 +179,8 @@ def show(args) -> int:
     best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(adv[r].abs().max())))
     for r, e in enumerate(eps):
         print(f"rollout {r}: R^T={e.turn_reward:.3f} R^O={e.outcome_reward:.3f} turns={e.num_turns} end={e.end_reason}")
-    text, doc = render(tok, eps[best], adv[best, : len(eps[best].token_ids)])
+    # one colour scale for the whole group, so rollouts can be compared
+    text, doc = render(tok, eps[best], adv[best, : len(eps[best].token_ids)], float(adv.abs().max()))
     print(f"\nrollout {best} ({args.method}):\n{text}\n")
     out = args.out + ".html"
     with open(out, "w") as f:

@@ -196,3 +196,12 @@ def test_env_never_raises(tools, junk):
     step = env_step(convo(junk), tools)
     if not step.done:
         assert step.message["content"].startswith("<result>\nError: "), step.message
+
+
+def test_fewshot_demo_result_does_not_count_against_the_limit(tools):
+    msgs = tool_env.initial_messages("What is the capital of Egypt?", tools, fewshot=True)
+    msgs.append({"role": "assistant", "content": good_call("capital of Egypt")})
+    step = env_step(msgs, tools)
+    assert not step.done and step.reason == "tool"
+    msgs += [step.message, {"role": "assistant", "content": good_call("again")}]
+    assert env_step(msgs, tools).reason == "tool_limit"

@@ -293,9 +293,10 @@ def has_answer(text: str) -> bool:
 
 
 def count_tool_results(messages: list[dict]) -> int:
-    return sum(
-        1 for m in messages if m["role"] == "user" and m["content"].startswith("<result>")
-    )
+    """Tool results of this episode: those after the last "Question:" message, so a
+    few-shot demonstration's result does not count against the limit."""
+    start = max((i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].startswith("Question:")), default=0)
+    return sum(1 for m in messages[start:] if m["role"] == "user" and m["content"].startswith("<result>"))
 
 
 def env_step(
@@ -693,3 +694,43 @@ def load_task(name: str, split: str):
 def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
     """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
     return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}
+
+
+def task_stats(name: str = "factbook", corpus: str = "factbook", examples: int = 3) -> str:
+    """Questions per split, BM25 recall@1/@5 with the question text as query (a gold
+    alias inside a retrieved passage, as the search tool returns it), and examples."""
+    from collections import Counter
+
+    from rewards import _contains
+
+    passages = load_corpus(corpus)
+    index = SearchIndex(passages)
+    lines = [f"task {name}: {len(passages)} passages",
+             "split        questions  recall@1  recall@5"]
+    per_kind = Counter()
+    kind_hits = Counter()
+    for split in SPLITS:
+        ds = load_task(name, split)
+        r1 = r5 = 0
+        for row in ds:
+            hits = [_contains(index.format(i), row["answer"]["aliases"]) for i in index.retrieve(row["question"], 5)]
+            r1 += bool(hits and hits[0])
+            r5 += any(hits)
+            kind = row["question_id"].rsplit("-", 1)[-1]
+            per_kind[kind] += 1
+            kind_hits[kind] += bool(hits and hits[0])
+        lines.append(f"{split:<12} {len(ds):>9}  {r1 / max(len(ds), 1):>8.3f}  {r5 / max(len(ds), 1):>8.3f}")
+    lines.append("recall@1 by template (all splits): " + ", ".join(
+        f"{k} {kind_hits[k] / per_kind[k]:.2f} (n={per_kind[k]})" for k in sorted(per_kind)))
+    test = load_task(name, "test")
+    by_title = {p["title"]: p["text"] for p in passages}
+    for row in [test[i] for i in range(0, len(test), max(1, len(test) // examples))][:examples]:
+        lines.append(f"\nQ: {row['question']}\nA: {row['answer']['value']}  (aliases: {row['answer']['aliases']})"
+                     f"\npassage [{row['source']}]: {by_title.get(row['source'], '')[:300]}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(task_stats(*(sys.argv[1:3] or ["factbook", "factbook"])))
