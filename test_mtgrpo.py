@@ -274,7 +274,7 @@ def test_greedy_sampler_equals_one_at_a_time(tiny, tokenizer, tools):
 def train_args(tiny_path, out, steps, extra=()):
     return ["--model", tiny_path, "--steps", str(steps), "--questions-per-step", "2", "--group-size", "2",
             "--max-turn-tokens", "12", "--output-dir", str(out), "--save-every", "1", "--lr", "1e-3",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--eval-every", "2", "--eval-questions", "2", *extra]
 
 
 def read_log(out):
@@ -307,6 +307,9 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     for key in ("loss", "R_O", "sampled_tokens", "entropy", "grad_norm", "clip_frac"):
         assert cut[2][key] == full[2][key], key
     assert cut[1]["loss"] == full[1]["loss"]
+    # greedy validation every 2 steps, logged on the same line
+    assert "eval_exact_match" in full[1] and "eval_exact_match" not in full[0]
+    assert 0.0 <= full[1]["eval_tool_call_rate"] <= 1.0
     # the checkpoint loads with plain transformers
     from transformers import AutoModelForCausalLM
 

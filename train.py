@@ -164,7 +164,7 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_
             )
             loss.backward()
             n_tok = float(b.loss_mask.sum())
-            totals["loss"] += float(loss)
+            totals["loss"] += loss.item()
             totals["clip_frac"] += st["clip_frac"] * n_tok
             totals["kl"] += st["kl"] * n_tok
             totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
