@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train clean
+.PHONY: install test train bench clean
 
 install: $(STAMP)
 
@@ -25,3 +25,6 @@ train: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
+
+bench: $(STAMP)
+	$(PY) bench.py

@@ -387,20 +387,54 @@ def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int
     )
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(x_t | x_<t) for t >= 1 at position t (position 0 gets 0), from logits
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False,
+                   positions: torch.Tensor | None = None):
+    """log pi(x_t | x_<t) at each position t >= 1 (position 0 gets 0), from logits
     divided by the sampling temperature (PAPER.md "Loss"). Returns (logp, entropy),
-    both (n, L); entropy is None unless asked for."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(2, input_ids[:, 1:, None]).squeeze(2)
-    logp = F.pad(logp, (1, 0))
+    both (n, L); entropy is None unless asked for.
+
+    positions: optional (n, L) bool mask of the tokens whose log-prob is needed (the
+    loss mask); the LM head and the log-softmax over the vocabulary then run only on
+    those (other entries are 0). Sampled tokens are a fraction of each sequence
+    (the prompt and the tool result are most of it), so this saves most of the
+    vocabulary-sized work and memory of the training pass.
+    """
+    T = temperature if temperature > 0 else 1.0
+    if positions is None:
+        positions = attention_mask.bool().clone()
+    sel = positions[:, 1:].bool()  # the hidden state at t - 1 predicts token t
+    if _head_on_positions_ok(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][sel])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][sel]
+    logp_all = torch.log_softmax(logits.float() / T, dim=-1)
+    picked = logp_all.gather(1, input_ids[:, 1:][sel][:, None]).squeeze(1)
+    logp = F.pad(torch.zeros(sel.shape, dtype=picked.dtype, device=picked.device).masked_scatter(sel, picked), (1, 0))
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = F.pad(-(logp_all.exp() * logp_all).sum(-1), (1, 0))
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = F.pad(torch.zeros(sel.shape, dtype=ent.dtype, device=ent.device).masked_scatter(sel, ent), (1, 0))
     return logp, entropy
+
+
+def _head_on_positions_ok(model) -> bool:
+    """Whether logits == output_embeddings(base_model(...).last_hidden_state) for this
+    model (true for Llama, Qwen, SmolLM; false where logits are scaled or capped).
+    Checked once on a short input against the model's own forward, and cached."""
+    ok = getattr(model, "_mtgrpo_head_ok", None)
+    if ok is None:
+        ok = False
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and getattr(model, "base_model", model) is not model:
+            ids = torch.arange(1, 9, device=next(model.parameters()).device)[None]
+            with torch.no_grad():
+                ref = model(input_ids=ids, use_cache=False).logits
+                mine = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+            ok = bool(torch.allclose(ref.float(), mine.float(), atol=1e-4, rtol=1e-3))
+        model._mtgrpo_head_ok = ok
+    return ok
 
 
 AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")

@@ -356,3 +356,26 @@ def test_real_model_end_to_end_one_step(tmp_path):
     assert (rec["entropy"] is None) == (rec["trained_episodes"] == 0)
     assert rec["logp_diff"] < 1e-3
     assert os.path.exists(out / "checkpoint" / "model.safetensors")
+
+
+def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1000, (3, 10), generator=g)
+    attn = torch.ones(3, 10, dtype=torch.long)
+    attn[1, 7:] = 0  # right padding
+    pos = torch.zeros(3, 10, dtype=torch.bool)
+    pos[0, 4:] = pos[1, 3:7] = pos[2, 9] = True
+    assert mtgrpo._head_on_positions_ok(model)  # a Llama: the head can run on selected positions
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.7, -1)
+        full = full.gather(2, ids[:, 1:, None]).squeeze(2)
+        lp, ent = mtgrpo.token_logprobs(model, ids, attn, 0.7, True, pos)
+        torch.testing.assert_close(lp[:, 1:][pos[:, 1:]], full[pos[:, 1:]], atol=1e-5, rtol=1e-5)
+        assert torch.all(lp[~pos] == 0) and torch.all(ent[~pos] == 0) and torch.all(ent[pos] > 0)
+        model._mtgrpo_head_ok = False  # the fallback (full logits, then select) gives the same
+        try:
+            lp2, _ = mtgrpo.token_logprobs(model, ids, attn, 0.7, False, pos)
+        finally:
+            model._mtgrpo_head_ok = True
+    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)

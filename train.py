@@ -150,13 +150,14 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_
         ent_sum = tok_sum = 0.0
         for g in groups:
             b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device)
-            logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, with_entropy=True)
+            pos = b.loss_mask.bool()  # log-probs only where the loss needs them
+            logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, True, pos)
             # mu = 1: the batch is used once, on-policy, so the ratio is exactly 1
             old = logp.detach() if args.mu == 1 else b.sample_logp
             ref = None
             if ref_model is not None:
                 with torch.inference_mode():
-                    ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature)
+                    ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature, False, pos)
                 ref = ref.clone()
             loss, st = mtgrpo.policy_loss(
                 logp, old, b.advantages, b.loss_mask, eps=args.eps, eps_high=args.eps_high, beta=args.beta,
