@@ -7,6 +7,7 @@ tool and run two turns), temperature 0.9, top-k 50, seed 0.
 
 Measured, each `--repeats` times (medians reported):
 - our sampler (mtgrpo.sample_episodes): sampled tokens/s and episodes/s;
+  then our log-prob pass and update; the peak memory is taken over these alone;
 - the naive sampler, as the reference does it without vLLM: per turn, re-apply the chat
   template to the whole conversation, `model.generate` with stop strings, decode, run
   the tool, repeat; our speed-up is the ratio of sampled tokens/s;
@@ -67,10 +68,25 @@ def naive_sample(model, tok, rows, tools, G, max_turn_tokens, temperature, top_k
     return sampled, len(convs)
 
 
+def reset_peak_memory(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
 def peak_memory_mb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def timed(fn):
@@ -108,8 +124,9 @@ def main(argv=None) -> int:
                       "fewshot": True, "temperature": T, "top_k": K, "seed": 0, "repeats": args.repeats,
                       "dtype": str(next(model.parameters()).dtype)}}
 
-    ours, naive = [], []
-    episodes = None
+    # --- our step first: sampling, log-prob pass, update; its peak memory alone
+    reset_peak_memory(device)
+    ours, episodes = [], None
     for rep in range(args.repeats):
         gen = torch.Generator(device=device).manual_seed(rep)
         dt, eps = timed(lambda: mtgrpo.sample_episodes(model, tok, rows, tools, G, args.max_turn_tokens, T, K,
@@ -118,18 +135,7 @@ def main(argv=None) -> int:
         ours.append({"s": dt, "tokens": n, "episodes": len(eps), "tok_s": n / dt, "ep_s": len(eps) / dt,
                      "two_turn": sum(e.num_turns > 1 for e in eps)})
         episodes = episodes or eps
-        if not args.no_naive:
-            torch.manual_seed(rep)
-            dt, (n, ne) = timed(lambda: naive_sample(model, tok, rows, tools, G, args.max_turn_tokens, T, K, True))
-            naive.append({"s": dt, "tokens": n, "episodes": ne, "tok_s": n / dt, "ep_s": ne / dt})
-        print(f"rep {rep}: ours {ours[-1]['tok_s']:.1f} tok/s" + (f", naive {naive[-1]['tok_s']:.1f} tok/s" if naive else ""), flush=True)
-    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
-    res["sampling"] = {"ours_tok_s": med(ours, "tok_s"), "ours_ep_s": med(ours, "ep_s"), "runs": ours}
-    if naive:
-        res["sampling"].update({"naive_tok_s": med(naive, "tok_s"), "naive_ep_s": med(naive, "ep_s"), "naive_runs": naive,
-                                "speedup": statistics.median(o["tok_s"] / n["tok_s"] for o, n in zip(ours, naive))})
-
-    # log-prob pass, update and its bound on the same batch
+        print(f"rep {rep}: ours {ours[-1]['tok_s']:.1f} tok/s", flush=True)
     mtgrpo.score_episodes(episodes)
     g = torch.Generator().manual_seed(0)
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
@@ -141,7 +147,7 @@ def main(argv=None) -> int:
     def logprob_pass():
         with torch.inference_mode():
             for b in batches:
-                mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, T)
+                mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, T, positions=b.loss_mask.bool())
 
     def bare():
         model.zero_grad(set_to_none=True)
@@ -151,21 +157,37 @@ def main(argv=None) -> int:
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    lp, up, bb = [], [], []
+    lp, up = [], []
     for _ in range(args.repeats):
         lp.append(timed(logprob_pass)[0])
         up.append(timed(lambda: train.update(model, opt, sched, episodes, advs, targs, tok.pad_token_id))[0])
+    peak = peak_memory_mb(device)
+
+    # --- the references, on the same prompts, budgets and batch
+    naive, bb = [], []
+    for rep in range(args.repeats):
         bb.append(timed(bare)[0])
+        if not args.no_naive:
+            torch.manual_seed(rep)
+            dt, (n, ne) = timed(lambda: naive_sample(model, tok, rows, tools, G, args.max_turn_tokens, T, K, True))
+            naive.append({"s": dt, "tokens": n, "episodes": ne, "tok_s": n / dt, "ep_s": ne / dt})
+            print(f"rep {rep}: naive {naive[-1]['tok_s']:.1f} tok/s", flush=True)
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    res["sampling"] = {"ours_tok_s": med(ours, "tok_s"), "ours_ep_s": med(ours, "ep_s"), "runs": ours}
+    if naive:
+        res["sampling"].update({"naive_tok_s": med(naive, "tok_s"), "naive_ep_s": med(naive, "ep_s"), "naive_runs": naive,
+                                "speedup": med(ours, "tok_s") / med(naive, "tok_s")})
     res["logprob"] = {"tok_s": tokens / statistics.median(lp), "tokens": tokens}
     res["update"] = {"tok_s": tokens / statistics.median(up), "bare_tok_s": tokens / statistics.median(bb),
-                     "fraction_of_bound": statistics.median(b / u for u, b in zip(up, bb)), "micro_batches": len(batches)}
+                     "fraction_of_bound": statistics.median(bb) / statistics.median(up), "micro_batches": len(batches),
+                     "micro_batch_tokens": targs.micro_batch_tokens}
     n_params = sum(p.numel() for p in model.parameters())
     floor_mb = n_params * (4 + 4 + 8) / 2**20 if next(model.parameters()).dtype == torch.float32 else n_params * (2 + 2 + 8) / 2**20
-    res["memory"] = {"peak_mb": peak_memory_mb(device), "floor_mb": floor_mb}
+    res["memory"] = {"peak_mb": peak, "floor_mb": floor_mb, "what": "peak RSS (CPU) or max allocated (CUDA) during our sampling, log-prob passes and updates"}
     res["memory"]["peak_over_floor"] = res["memory"]["peak_mb"] / floor_mb
     sample_s = statistics.median(o["s"] for o in ours)
     res["step"] = {"sample_s": sample_s, "logprob_s": statistics.median(lp), "update_s": statistics.median(up)}
-    res["step"]["total_s"] = sum(res["step"].values())
+    res["step"]["total_s"] = sample_s + res["step"]["update_s"]  # train.py reuses the sampler's log-probs
 
     s = res["sampling"]
     lines = [f"device: {res['device']}   config: {json.dumps(res['config'])}",
@@ -174,14 +196,14 @@ def main(argv=None) -> int:
              f"{'sampling, ours (episodes/s)':<34}{s['ours_ep_s']:>14.3f}"]
     if naive:
         lines += [f"{'sampling, naive (tok/s)':<34}{s['naive_tok_s']:>14.1f}",
-                  f"{'sampling speed-up (median ratio)':<34}{s['speedup']:>14.2f}"]
+                  f"{'sampling speed-up (ratio of medians)':<34}{s['speedup']:>14.2f}"]
     lines += [f"{'log-prob pass (tok/s)':<34}{res['logprob']['tok_s']:>14.1f}",
               f"{'update (tok/s)':<34}{res['update']['tok_s']:>14.1f}",
               f"{'bare forward+backward (tok/s)':<34}{res['update']['bare_tok_s']:>14.1f}",
               f"{'update / bare bound':<34}{res['update']['fraction_of_bound']:>14.2f}",
               f"{'peak memory (MiB)':<34}{res['memory']['peak_mb']:>14.0f}",
               f"{'floor: weights+grads+AdamW (MiB)':<34}{floor_mb:>14.0f}",
-              f"{'step: sample / logprob / update s':<34}{sample_s:>6.1f} /{res['step']['logprob_s']:>5.1f} /{res['step']['update_s']:>5.1f}"]
+              f"{'step: sample + update (s)':<34}{sample_s:>6.1f} +{res['step']['update_s']:>6.1f}"]
     print("\n".join(lines))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -143,13 +143,63 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> 
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k largest only: the same distribution as masking the
+        # rest to -inf, without a multinomial over the whole vocabulary
+        values, indices = logits.topk(top_k, dim=-1)
+        pick = torch.multinomial(torch.softmax(values.float(), dim=-1), 1, generator=generator)
+        return indices.gather(1, pick).squeeze(-1)
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 STOP_STRINGS = ("</tool>", "</answer>")
+
+
+def _growing_cache():
+    """A transformers DynamicCache whose layers append into buffers of doubling
+    capacity. The stock layer concatenates the whole cache at every step (a copy
+    of all keys and values per token, and a new allocation of a new size each
+    time, which also fragments the heap); here a step writes only its new entries."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._n = 0
+
+        def _set(self, k, v, n):
+            self._k, self._v, self._n = k, v, n
+            self.keys, self.values = k[:, :, :n], v[:, :, :n]  # views of the filled part
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            need = self._n + key_states.shape[-2]
+            if self._k is None or need > self._k.shape[-2]:
+                cap = max(need, 2 * (self._k.shape[-2] if self._k is not None else 0), 64)
+                k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+                v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+                if self._n:
+                    k[:, :, : self._n] = self._k[:, :, : self._n]
+                    v[:, :, : self._n] = self._v[:, :, : self._n]
+                self._k, self._v = k, v
+            self._k[:, :, self._n : need] = key_states
+            self._v[:, :, self._n : need] = value_states
+            self._set(self._k, self._v, need)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self._n:
+                self._set(self._k[indices], self._v[indices], self._n)
+
+        def batch_repeat_interleave(self, repeats):
+            if self._n:
+                self._set(self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0), self._n)
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 @torch.inference_mode()
@@ -177,7 +227,9 @@ def sample_episodes(
     (prefilling only the new tokens). Rows feeding fewer tokens than the widest are
     left-padded; the padding gets attention 0 and no position, so the cache may hold
     holes but every real token sees exactly its own history. Finished sequences are
-    dropped from the batch and the cache.
+    dropped from the batch and the cache. Each distinct prompt is prefilled once and
+    its cache copied to its G rollouts, and only the last position's logits are
+    computed (the vocabulary projection of a whole prompt would dominate the cost).
 
     Log-probs are of the tempered, untruncated distribution (log_softmax(logits / T),
     T = 1 for greedy), as the training pass computes them.
@@ -189,10 +241,11 @@ def sample_episodes(
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    episodes, feed = [], []
+    episodes, feed, prompts = [], [], []
     for row in rows:
         msgs = tool_env.initial_messages(row["question"], tools, fewshot=fewshot)
         ids = prompt_ids(tokenizer, msgs)
+        prompts.append(ids)
         for _ in range(group_size):
             episodes.append(Episode(
                 question_id=row["question_id"], question=row["question"],
@@ -200,35 +253,42 @@ def sample_episodes(
                 token_ids=list(ids), loss_mask=[0] * len(ids), token_turns=[0] * len(ids),
                 sample_logp=[0.0] * len(ids), messages=[dict(m) for m in msgs],
             ))
-            feed.append(list(ids))
+            feed.append([])
     if force is not None and len(force) != len(episodes):
         raise ValueError(f"force has {len(force)} scripts for {len(episodes)} episodes")
     n_sampled = [0] * len(episodes)
     live = list(range(len(episodes)))  # episode index of each batch row
     turn = {i: 1 for i in live}
     turn_start = {i: len(episodes[i].token_ids) for i in live}
-    n_real = torch.zeros(len(live), dtype=torch.long, device=device)  # real tokens so far per row
-    attn = torch.zeros(len(live), 0, dtype=torch.long, device=device)  # over cache slots
-    cache = None
+    state = {"cache": _growing_cache(),
+             "attn": torch.zeros(len(rows), 0, dtype=torch.long, device=device),  # over cache slots
+             "n_real": torch.zeros(len(rows), dtype=torch.long, device=device)}  # real tokens per row
     logT = temperature if temperature > 0 else 1.0
-    while live:
-        # 1. feed each live row its pending tokens, left-padded to a common width
-        width = max(len(feed[i]) for i in live)
-        ids = torch.full((len(live), width), pad, dtype=torch.long, device=device)
-        new_mask = torch.zeros(len(live), width, dtype=torch.long, device=device)
-        for r, i in enumerate(live):
-            n = len(feed[i])
-            ids[r, width - n :] = torch.tensor(feed[i], device=device)
-            new_mask[r, width - n :] = 1
-        attn = torch.cat([attn, new_mask], dim=1)
-        # positions count real tokens only, so holes do not shift them
-        pos = n_real[:, None] + new_mask.cumsum(1) - 1
-        pos = pos.clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        n_real = n_real + new_mask.sum(1)
-        logits = out.logits[:, -1, :].float()
 
+    def forward(feeds: list[list[int]]) -> torch.Tensor:
+        """Feed each row its new tokens, left-padded to a common width; return the
+        next-token logits (rows, V)."""
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), pad, dtype=torch.long, device=device)
+        new_mask = torch.zeros(len(feeds), width, dtype=torch.long, device=device)
+        for r, f in enumerate(feeds):
+            ids[r, width - len(f) :] = torch.tensor(f, device=device)
+            new_mask[r, width - len(f) :] = 1
+        state["attn"] = torch.cat([state["attn"], new_mask], dim=1)
+        # positions count real tokens only, so holes do not shift them
+        pos = (state["n_real"][:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=state["attn"], position_ids=pos,
+                    past_key_values=state["cache"], use_cache=True, logits_to_keep=1)  # only the last position's logits
+        state["cache"] = out.past_key_values
+        state["n_real"] = state["n_real"] + new_mask.sum(1)
+        return out.logits[:, -1, :].float()
+
+    # 1. prefill each distinct prompt once, then copy its cache to its G rollouts
+    logits = forward(prompts).repeat_interleave(group_size, dim=0)
+    state["cache"].batch_repeat_interleave(group_size)
+    state["attn"] = state["attn"].repeat_interleave(group_size, dim=0)
+    state["n_real"] = state["n_real"].repeat_interleave(group_size, dim=0)
+    while live:
         # 2. sample one token per row and record it
         tokens = _sample(logits, temperature, top_k, generator)
         if force is not None:
@@ -274,9 +334,11 @@ def sample_episodes(
         if len(keep) < len(live):  # compact: finished rows stop costing compute
             idx = torch.tensor(keep, dtype=torch.long, device=device)
             if keep:
-                cache.batch_select_indices(idx)
-            attn, n_real = attn[idx], n_real[idx]
+                state["cache"].batch_select_indices(idx)
+            state["attn"], state["n_real"] = state["attn"][idx], state["n_real"][idx]
             live = [live[r] for r in keep]
+        if live:  # 4. feed the sampled token (and any environment glue) of each live row
+            logits = forward([feed[i] for i in live])
     return episodes
 
 

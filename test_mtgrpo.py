@@ -379,3 +379,12 @@ def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
         finally:
             model._mtgrpo_head_ok = True
     torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_sampling_stays_in_the_top_k():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]] * 200)
+    tokens = mtgrpo._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {1, 3}
+    # p(1) / p(3) = e^(5 - 4); observed share of token 1 near e / (1 + e) = 0.73
+    assert 0.6 < (tokens == 1).float().mean() < 0.85
+    assert mtgrpo._sample(logits[:1], 0.0, 2, None).tolist() == [1]  # greedy
