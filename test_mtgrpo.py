@@ -256,17 +256,45 @@ def test_logprob_consistency_tiny_model(tiny, tokenizer, tools):
     check_consistency(model, tokenizer, free)
 
 
-def test_greedy_sampler_equals_one_at_a_time(tiny, tokenizer, tools):
-    """The batched sampler (padding, holes, compaction) gives the same tokens as
-    sampling each episode alone."""
+def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()):
+    """The obviously-correct sampler: one episode, no cache, no padding; every token
+    is the argmax of a full forward pass over the whole sequence so far."""
+    msgs = tool_env.initial_messages(row["question"], tools)
+    ids = mtgrpo.prompt_ids(tokenizer, msgs)
+    force, n_sampled = list(force), 0
+    while True:
+        start = len(ids)
+        while True:
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if n_sampled < len(force):
+                nxt = force[n_sampled]
+            n_sampled += 1
+            ids.append(nxt)
+            text = tokenizer.decode(ids[start:])
+            stopped = nxt == tokenizer.eos_token_id or any(s in text for s in mtgrpo.STOP_STRINGS)
+            if stopped or len(ids) - start >= max_turn_tokens:
+                break
+        msgs.append({"role": "assistant", "content": tokenizer.decode(ids[start:], skip_special_tokens=True)})
+        step = tool_env.env_step(msgs, tools, truncated=not stopped)
+        if step.done:
+            return ids
+        msgs.append(step.message)
+        glue = mtgrpo.chat_glue(tokenizer, step.message)
+        ids += glue[1:] if nxt == tokenizer.eos_token_id and glue[:1] == [tokenizer.eos_token_id] else glue
+
+
+def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools):
+    """The batched sampler (shared prefill, padding, holes, growing cache, compaction)
+    gives the same tokens as a plain full-recompute sampler, one episode at a time."""
     model, _ = tiny
     queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
-    force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]  # scripts end early, then greedy
-    kw = dict(max_turn_tokens=24, temperature=0.0)
-    batched = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 2, force=force, **kw)
+    # scripts end 3 tokens early, then greedy decoding takes over; one episode is all greedy
+    force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
+    batched = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 2, max_turn_tokens=48, temperature=0.0, force=force)
+    assert any(e.num_turns == 2 for e in batched)
     for i, ep in enumerate(batched):
-        alone = mtgrpo.sample_episodes(model, tokenizer, [Q[i // 2]], tools, 1, force=[force[i]], **kw)[0]
-        assert alone.token_ids == ep.token_ids
+        assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
 
 
 # ------------------------------------------------------------------ train.py

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     a("--max-tool-calls", type=int, default=1)
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
     a("--fewshot", action="store_true", help="put a one-shot tool-use demonstration before the question")
-    a("--micro-batch-tokens", type=int, default=1024, help="padded tokens per forward/backward; bounds activation memory")
+    a("--micro-batch-tokens", type=int, default=512, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")
     a("--eval-every", type=int, default=0, help="greedy validation every N steps (0: never)")
