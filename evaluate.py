@@ -49,7 +49,7 @@ def evaluate(model, tokenizer, rows, tools, samples=1, temperature=0.0, fewshot=
     mtgrpo.score_episodes(episodes)
     n = len(episodes)
     called = [e for e in episodes if rewards.tool_results(e.messages)]
-    ok = lambda e: sum(not r.startswith("Error:") for r in rewards.tool_results(e.messages)) / len(rewards.tool_results(e.messages))  # noqa: E731
+    ok = lambda e: rewards.tool_execution_reward(e.messages, weight=1.0)  # noqa: E731  fraction of calls that ran
     metrics = {
         "episodes": n,
         "tool_call_rate": len(called) / n,
@@ -169,18 +169,13 @@ def show(args) -> int:
     eps = mtgrpo.sample_episodes(model, tok, [row], tools, args.group_size, args.max_turn_tokens,
                                  0.9, 50, 1, args.fewshot, gen)
     mtgrpo.score_episodes(eps)
-    L = max(len(e.token_ids) for e in eps)
-    turns = torch.zeros(len(eps), L, dtype=torch.long)
-    for r, e in enumerate(eps):
-        turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
-    adv = mtgrpo.compute_advantages(torch.tensor([e.turn_reward for e in eps]),
-                                    torch.tensor([e.outcome_reward for e in eps]), turns, len(eps), args.method)
+    advs = mtgrpo.episode_advantages(eps, len(eps), args.method)
     # show the most informative rollout: the one with the most turns, then the largest |A|
-    best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(adv[r].abs().max())))
+    best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(advs[r].abs().max())))
     for r, e in enumerate(eps):
         print(f"rollout {r}: R^T={e.turn_reward:.3f} R^O={e.outcome_reward:.3f} turns={e.num_turns} end={e.end_reason}")
     # one colour scale for the whole group, so rollouts can be compared
-    text, doc = render(tok, eps[best], adv[best, : len(eps[best].token_ids)], float(adv.abs().max()))
+    text, doc = render(tok, eps[best], advs[best], max(float(a.abs().max()) for a in advs))
     print(f"\nrollout {best} ({args.method}):\n{text}\n")
     out = args.out + ".html"
     with open(out, "w") as f:

@@ -413,6 +413,18 @@ def compute_advantages(
     return adv
 
 
+def episode_advantages(episodes: list[Episode], group_size: int, method: str, **kwargs) -> list[torch.Tensor]:
+    """compute_advantages for scored episodes (in groups of `group_size`
+    consecutive ones); one tensor per episode, aligned with its token_ids."""
+    L = max(len(e.token_ids) for e in episodes)
+    turns = torch.zeros(len(episodes), L, dtype=torch.long)
+    for r, e in enumerate(episodes):
+        turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
+    adv = compute_advantages(torch.tensor([e.turn_reward for e in episodes]),
+                             torch.tensor([e.outcome_reward for e in episodes]), turns, group_size, method, **kwargs)
+    return [adv[r, : len(e.token_ids)] for r, e in enumerate(episodes)]
+
+
 # ----------------------------------------------------------------------------------
 # Training forward pass and loss
 

@@ -416,3 +416,39 @@ def test_top_k_sampling_stays_in_the_top_k():
     # p(1) / p(3) = e^(5 - 4); observed share of token 1 near e / (1 + e) = 0.73
     assert 0.6 < (tokens == 1).float().mean() < 0.85
     assert mtgrpo._sample(logits[:1], 0.0, 2, None).tolist() == [1]  # greedy
+
+
+# ------------------------------------------------------------------ evaluate.py
+
+def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
+    import evaluate
+
+    model, _ = tiny
+    metrics, eps = evaluate.evaluate(model, tokenizer, Q, tools, max_turn_tokens=8)
+    assert metrics["episodes"] == 2 and set(evaluate.METRICS) <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in evaluate.METRICS)
+    # a scripted two-turn rollout, rendered with its mt-grpo advantages
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", None, "Egypt", None])
+    mtgrpo.score_episodes(eps)
+    advs = mtgrpo.episode_advantages(eps, 2, "mt-grpo")
+    ansi, page = evaluate.render(tokenizer, eps[0], advs[0])
+    assert "[turn 1]" in ansi and "[turn 2]" in ansi
+    assert page.count('class="label"') == 2 and 'class="env"' in page and "A=+" in page
+    # every sampled token is coloured, every other token is grey
+    assert page.count("<span style=") == sum(eps[0].loss_mask)
+    assert page.count('class="env"') == len(eps[0].token_ids) - sum(eps[0].loss_mask)
+
+
+def test_plot_runs(tmp_path):
+    import evaluate
+
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": i + 1, "tool_call_rate": i / 10, "tool_success": 1.0, "search_has_answer": 0.1,
+                 "em": 0.2, "R_T": 0.3, "R_O": 0.4} for i in range(4)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = evaluate.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "curves.png"))
+    assert os.path.getsize(out) > 10_000
+    with pytest.raises(FileNotFoundError, match="no log.jsonl"):
+        evaluate.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))

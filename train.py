@@ -33,6 +33,7 @@ from collections import Counter
 import torch
 
 import mtgrpo
+import rewards
 import tool_env
 
 
@@ -103,7 +104,7 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
     stats = {k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}
     stats["R_T"] = sum(e.turn_reward for e in episodes) / n
     stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
-    called = [e for e in episodes if e.components["tool_execution"] > 0 or _attempted(e)]
+    called = [e for e in episodes if _attempted(e)]
     stats["tool_call_rate"] = len(called) / n
     stats["tool_success"] = sum(_success_frac(e) for e in called) / max(len(called), 1)
     stats["em"] = stats["exact_match"]
@@ -116,16 +117,11 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
 
 
 def _attempted(e) -> bool:
-    import rewards
-
     return bool(rewards.tool_results(e.messages))
 
 
 def _success_frac(e) -> float:
-    import rewards
-
-    res = rewards.tool_results(e.messages)
-    return sum(not r.startswith("Error:") for r in res) / max(len(res), 1)
+    return rewards.tool_execution_reward(e.messages, weight=1.0)
 
 
 def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None) -> dict:
@@ -292,15 +288,8 @@ def main(argv=None) -> int:
         )
         t1 = time.time()
         mtgrpo.score_episodes(episodes)
-        L = max(len(e.token_ids) for e in episodes)
-        turns = torch.zeros(len(episodes), L, dtype=torch.long)
-        for r, e in enumerate(episodes):
-            turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
-        adv = mtgrpo.compute_advantages(
-            torch.tensor([e.turn_reward for e in episodes]), torch.tensor([e.outcome_reward for e in episodes]),
-            turns, args.group_size, args.method, args.turn_coef, args.scale, merged_fallback=args.merged_fallback,
-        )
-        advantages = [adv[r, : len(e.token_ids)] for r, e in enumerate(episodes)]
+        advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef,
+                                               scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
         upd = update(model, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id, ref_model)
         t3 = time.time()
