@@ -293,10 +293,11 @@ def has_answer(text: str) -> bool:
 
 
 def count_tool_results(messages: list[dict]) -> int:
-    """Tool results of this episode: those after the last "Question:" message, so a
-    few-shot demonstration's result does not count against the limit."""
-    start = max((i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].startswith("Question:")), default=0)
-    return sum(1 for m in messages[start:] if m["role"] == "user" and m["content"].startswith("<result>"))
+    """Tool results of this episode (a few-shot demonstration's result does not
+    count against the limit): the same reading of an episode as the rewards'."""
+    from rewards import tool_results
+
+    return len(tool_results(messages))
 
 
 def env_step(
