@@ -28,7 +28,6 @@ import sys
 import torch
 
 import mtgrpo
-import rewards
 import tool_env
 
 METRICS = ("tool_call_rate", "tool_success", "search_has_answer", "exact_match", "contains_answer", "format")
@@ -48,12 +47,11 @@ def evaluate(model, tokenizer, rows, tools, samples=1, temperature=0.0, fewshot=
         )
     mtgrpo.score_episodes(episodes)
     n = len(episodes)
-    called = [e for e in episodes if rewards.tool_results(e.messages)]
-    ok = lambda e: rewards.tool_execution_reward(e.messages, weight=1.0)  # noqa: E731  fraction of calls that ran
+    call_rate, success = mtgrpo.tool_use_rates(episodes)
     metrics = {
         "episodes": n,
-        "tool_call_rate": len(called) / n,
-        "tool_success": sum(map(ok, called)) / max(len(called), 1),
+        "tool_call_rate": call_rate,
+        "tool_success": success,
         "search_has_answer": sum(e.components["search_has_answer"] > 0 for e in episodes) / n,
         "exact_match": sum(e.components["exact_match"] > 0 for e in episodes) / n,
         "contains_answer": sum(e.components["contains_answer"] > 0 for e in episodes) / n,
@@ -160,11 +158,10 @@ def render(tokenizer, episode: mtgrpo.Episode, adv: torch.Tensor, scale: float |
     return "".join(ansi), doc
 
 
-def show(args) -> int:
+def show(args, tools: dict) -> int:
     model, tok = mtgrpo.load_model(resolve_model(args.model[0]), args.device)
     rows = tool_env.load_task(args.task, args.split)
     row = rows[args.index]
-    tools = tool_env.make_tools(tool_env.load_corpus(args.corpus or "factbook"))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     eps = mtgrpo.sample_episodes(model, tok, [row], tools, args.group_size, args.max_turn_tokens,
                                  0.9, 50, 1, args.fewshot, gen)
@@ -212,11 +209,15 @@ def main(argv=None) -> int:
         except FileNotFoundError as e:
             sys.exit(f"error: {e}")
         return 0
+    try:
+        args.corpus = tool_env.default_corpus(args.task, args.corpus)
+        tools = tool_env.make_tools(tool_env.load_corpus(args.corpus))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     if args.show:
-        return show(args)
+        return show(args, tools)
     rows = tool_env.load_task(args.task, args.split)
     rows = [rows[i] for i in range(len(rows) if args.limit <= 0 else min(args.limit, len(rows)))]
-    tools = tool_env.make_tools(tool_env.load_corpus(args.corpus or ("factbook" if args.task == "factbook" else sys.exit("error: --corpus PATH needed for triviaqa"))))
     results, trajectories = {}, []
     for name in args.model:
         model, tok = mtgrpo.load_model(resolve_model(name), args.device)

@@ -352,6 +352,16 @@ def score_episodes(episodes: list[Episode], turn_weights=None, outcome_weights=N
         ep.components = {**t_parts, **o_parts}
 
 
+def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:
+    """(tool-call rate, tool-execution success): the fraction of episodes that got a
+    tool result, and the mean fraction of successful calls among those episodes."""
+    import rewards
+
+    called = [e for e in episodes if rewards.tool_results(e.messages)]
+    success = sum(rewards.tool_execution_reward(e.messages, weight=1.0) for e in called)
+    return len(called) / len(episodes), success / max(len(called), 1)
+
+
 # ----------------------------------------------------------------------------------
 # Advantages (paper Figure 1; PAPER.md "Advantages")
 

@@ -138,3 +138,10 @@ def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: could not load TriviaQA")
     assert "--task triviaqa:PATH" in last
+
+
+def test_default_corpus():
+    assert tool_env.default_corpus("factbook") == "factbook"
+    assert tool_env.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
+    with pytest.raises(ValueError, match="task 'triviaqa' needs --corpus PATH"):
+        tool_env.default_corpus("triviaqa")

@@ -692,6 +692,16 @@ def load_task(name: str, split: str):
     raise ValueError(f"unknown task {name!r}; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'")
 
 
+def default_corpus(task: str, corpus: str | None = None) -> str:
+    """The search corpus for a task: `corpus` if given, else "factbook" for the
+    factbook task; TriviaQA has no embedded corpus, so it must be given."""
+    if corpus:
+        return corpus
+    if task == "factbook":
+        return "factbook"
+    raise ValueError(f'task {task!r} needs --corpus PATH, a JSONL of {{"title", "text"}} passages')
+
+
 def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
     """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
     return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}

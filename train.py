@@ -33,7 +33,6 @@ from collections import Counter
 import torch
 
 import mtgrpo
-import rewards
 import tool_env
 
 
@@ -104,9 +103,7 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
     stats = {k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}
     stats["R_T"] = sum(e.turn_reward for e in episodes) / n
     stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
-    called = [e for e in episodes if _attempted(e)]
-    stats["tool_call_rate"] = len(called) / n
-    stats["tool_success"] = sum(_success_frac(e) for e in called) / max(len(called), 1)
+    stats["tool_call_rate"], stats["tool_success"] = mtgrpo.tool_use_rates(episodes)
     stats["em"] = stats["exact_match"]
     stats["turns"] = sum(e.num_turns for e in episodes) / n
     stats["sampled_tokens"] = sum(sum(e.loss_mask) for e in episodes) / n
@@ -114,14 +111,6 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
     for reason, c in Counter(e.end_reason for e in episodes).items():
         stats[f"end_{reason}"] = c / n
     return stats
-
-
-def _attempted(e) -> bool:
-    return bool(rewards.tool_results(e.messages))
-
-
-def _success_frac(e) -> float:
-    return rewards.tool_execution_reward(e.messages, weight=1.0)
 
 
 def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None) -> dict:
@@ -166,10 +155,9 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_
             totals["kl"] += st["kl"] * n_tok
             totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
             totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
-            m = b.loss_mask.bool()
-            if it == 0:
-                totals["logp_diff"] = max(totals["logp_diff"], float((logp.detach()[m] - b.sample_logp[m]).abs().max()) if m.any() else 0.0)
-            ent_sum += float(ent[m].sum())
+            if it == 0 and pos.any():
+                totals["logp_diff"] = max(totals["logp_diff"], float((logp.detach()[pos] - b.sample_logp[pos]).abs().max()))
+            ent_sum += float(ent[pos].sum())
             tok_sum += n_tok
         totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
         optimizer.step()
@@ -246,7 +234,10 @@ def main(argv=None) -> int:
     train_rows = tool_env.load_task(args.task, "train")
     if len(train_rows) == 0:
         sys.exit(f"error: task {args.task!r} has no training questions")
-    corpus = tool_env.load_corpus(args.corpus or ("factbook" if args.task == "factbook" else _need_corpus()))
+    try:
+        corpus = tool_env.load_corpus(tool_env.default_corpus(args.task, args.corpus))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     tools = tool_env.make_tools(corpus, args.search_chars)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -306,10 +297,6 @@ def main(argv=None) -> int:
             save_checkpoint(args.output_dir, model, tokenizer, optimizer, scheduler, generator, step + 1, args)
     print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
     return 0
-
-
-def _need_corpus():
-    sys.exit("error: --task triviaqa needs --corpus PATH, a JSONL of {\"title\", \"text\"} passages")
 
 
 def _truncate_log(path, step):
