@@ -23,6 +23,7 @@ import argparse
 import html
 import json
 import os
+import re
 import sys
 
 import torch
@@ -60,6 +61,21 @@ def evaluate(model, tokenizer, rows, tools, samples=1, temperature=0.0, fewshot=
     return metrics, episodes
 
 
+def trajectory_records(name: str, episodes: list[mtgrpo.Episode]) -> list[dict]:
+    """One JSON-able dict per rollout: the conversation, how it ended, its rewards."""
+    return [{"model": name, "question_id": e.question_id, "aliases": e.aliases, "messages": e.messages,
+             "end": e.end_reason, "R_T": e.turn_reward, "R_O": e.outcome_reward, **e.components} for e in episodes]
+
+
+def write_eval(prefix: str, summary: dict, trajectories: list[dict]) -> None:
+    """PREFIX.json (the summary) and PREFIX.trajectories.jsonl (one rollout a line)."""
+    with open(prefix + ".json", "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(prefix + ".trajectories.jsonl", "w") as f:
+        for t in trajectories:
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+
+
 def resolve_model(name: str) -> str:
     """A run directory stands for its checkpoint."""
     ck = os.path.join(name, "checkpoint")
@@ -81,9 +97,12 @@ def print_table(results: dict[str, dict]) -> str:
 # --plot
 
 
+# (key, title): a panel per metric. The first four prefer the held-out evaluations that
+# train.py --eval-every logs (eval_*); runs without them fall back to the training rollouts.
 PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execution success"),
-             ("search_has_answer", "search has answer (x0.5)"), ("em", "exact match"),
-             ("R_T", "R^T"), ("R_O", "R^O"))
+             ("search_has_answer", "search has answer"), ("exact_match", "exact match"),
+             ("R_T", "R^T (training rollouts)"), ("R_O", "R^O (training rollouts)"))
+TRAIN_KEY = {"exact_match": "em"}  # the training log's name for a metric, where it differs
 
 
 def read_log(run_dir: str) -> list[dict]:
@@ -94,28 +113,103 @@ def read_log(run_dir: str) -> list[dict]:
         return [json.loads(l) for l in f if l.strip()]
 
 
+def run_label(run_dir: str) -> str:
+    """Runs that differ only in their seed share a label: runs/mt-grpo-s0 -> mt-grpo."""
+    return re.sub(r"[-_]s(eed)?\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+
+
+def group_runs(run_dirs: list[str]) -> dict[str, list[list[dict]]]:
+    """{label: [log of each seed]}, in the order the runs were given."""
+    groups: dict[str, list[list[dict]]] = {}
+    for run in run_dirs:
+        groups.setdefault(run_label(run), []).append(read_log(run))
+    return groups
+
+
+def across_seeds(logs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, min, max) of `key` over the seeds, at the steps every seed logged it."""
+    per_seed = [{r["step"]: r[key] for r in log if r.get(key) is not None} for log in logs]
+    steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    vals = [[p[s] for p in per_seed] for s in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def smoothed(log: list[dict], key: str, window: int) -> list[dict]:
+    """The log with `key` replaced by its trailing moving average over `window` steps
+    (one step's few rollouts are noisy); steps without the key are left out."""
+    rows = [r for r in log if r.get(key) is not None]
+    out = []
+    for i, r in enumerate(rows):
+        w = [x[key] for x in rows[max(0, i - window + 1) : i + 1]]
+        out.append({"step": r["step"], key: sum(w) / len(w)})
+    return out
+
+
 def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
-    """Curves of the runs' log.jsonl, one line per run, a panel per metric."""
+    """A panel per metric, a line per label (runs that differ only in seed are one
+    label): the mean over seeds, with the min-max range over seeds shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = group_runs(run_dirs)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for run in run_dirs:
-        log = read_log(run)
-        steps = [r["step"] for r in log]
-        for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
-            ys = [r.get(key, float("nan")) for r in log]
-            # moving average: single steps of a few rollouts are noisy
-            sm = [sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1]) for i in range(len(ys))]
-            ax.plot(steps, sm, label=os.path.basename(os.path.normpath(run)))
-            ax.set_title(title)
-            ax.set_xlabel("step")
+    for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
+        held_out = any(f"eval_{key}" in r for logs in groups.values() for log in logs for r in log)
+        for label, logs in groups.items():
+            if held_out:
+                steps, mean, lo, hi = across_seeds(logs, f"eval_{key}")
+            else:
+                k = TRAIN_KEY.get(key, key)
+                steps, mean, lo, hi = across_seeds([smoothed(log, k, smooth) for log in logs], k)
+            line, = ax.plot(steps, mean, marker="o" if held_out else None, label=f"{label} (n={len(logs)})")
+            if len(logs) > 1:
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+        split = next((r.get("eval_split") for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
+        ax.set_title(f"{title} ({split})" if held_out and split else title if held_out or key.startswith("R_") else f"{title} (training rollouts)")
+        ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
+
+
+TABLE_COLS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool success"),
+              ("search_has_answer", "search has answer"), ("exact_match", "EM"),
+              ("contains_answer", "contains"), ("format", "format"))
+
+
+def _cell(vals: list[float]) -> str:
+    mean = sum(vals) / len(vals)
+    return f"{mean:.3f}" if min(vals) == max(vals) else f"{mean:.3f} ({min(vals):.3f}-{max(vals):.3f})"
+
+
+def results_table(run_dirs: list[str]) -> str:
+    """Markdown table of the held-out evaluations that train.py logged: the model before
+    training (every run's step-0 evaluation) and each label at its last evaluated step.
+    Cells are the mean over the runs and, where they differ, their (min-max)."""
+    groups = group_runs(run_dirs)
+    head = ["model", "runs", "step"] + [t for _, t in TABLE_COLS] + ["wall time / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    start = [r for logs in groups.values() for log in logs for r in log if r["step"] == 0 and "eval_exact_match" in r]
+    if start:
+        cells = [_cell([r[f"eval_{k}"] for r in start]) for k, _ in TABLE_COLS]
+        lines.append("| " + " | ".join(["base model", str(len(start)), "0"] + cells + ["-"]) + " |")
+    for label, logs in groups.items():
+        evals = [[r for r in log if "eval_exact_match" in r and r["step"] > 0] for log in logs]
+        if not all(evals):
+            raise ValueError(f"{label}: a run has no evaluation after step 0 (train.py --eval-every)")
+        last = [e[-1] for e in evals]
+        if len({r["step"] for r in last}) > 1:
+            raise ValueError(f"{label}: seeds end at different steps {sorted(r['step'] for r in last)}")
+        cells = [_cell([r[f"eval_{k}"] for r in last]) for k, _ in TABLE_COLS]
+        minutes = [sum(r.get(t, 0.0) for r in log for t in ("time_sample", "time_score", "time_update", "time_eval")) / 60
+                   for log in logs]
+        lines.append("| " + " | ".join([label, str(len(logs)), str(last[0]["step"])] + cells
+                                        + [f"{sum(minutes) / len(minutes):.1f} min"]) + " |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------
@@ -196,6 +290,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-turn-tokens", type=int, default=128)
     p.add_argument("--out", default="eval", help="output path prefix")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="markdown table of these runs' evaluations, to OUT.md")
     p.add_argument("--show", action="store_true", help="colour one rollout's tokens by advantage")
     p.add_argument("--method", default="mt-grpo", choices=mtgrpo.METHODS)
     p.add_argument("--group-size", type=int, default=8)
@@ -203,10 +298,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if args.plot:
+    if args.plot or args.table:
         try:
-            print("wrote", plot_runs(args.plot, args.out + ".png"))
-        except FileNotFoundError as e:
+            if args.plot:
+                print("wrote", plot_runs(args.plot, args.out + ".png"))
+            if args.table:
+                text = results_table(args.table)
+                with open(args.out + ".md", "w") as f:
+                    f.write(text + "\n")
+                print(text + f"\nwrote {args.out}.md")
+        except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         return 0
     try:
@@ -223,16 +324,11 @@ def main(argv=None) -> int:
         model, tok = mtgrpo.load_model(resolve_model(name), args.device)
         metrics, eps = evaluate(model, tok, rows, tools, args.samples, 0.9, args.fewshot, args.max_turn_tokens, seed=args.seed)
         results[name] = metrics
-        trajectories += [{"model": name, "question_id": e.question_id, "aliases": e.aliases, "messages": e.messages,
-                          "end": e.end_reason, "R_T": e.turn_reward, "R_O": e.outcome_reward, **e.components} for e in eps]
+        trajectories += trajectory_records(name, eps)
         del model
     print_table(results)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"split": args.split, "task": args.task, "limit": args.limit, "samples": args.samples,
-                   "fewshot": args.fewshot, "results": results}, f, indent=2)
-    with open(args.out + ".trajectories.jsonl", "w") as f:
-        for t in trajectories:
-            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+    write_eval(args.out, {"split": args.split, "task": args.task, "limit": args.limit, "samples": args.samples,
+                          "fewshot": args.fewshot, "results": results}, trajectories)
     print(f"wrote {args.out}.json and {args.out}.trajectories.jsonl")
     return 0
 

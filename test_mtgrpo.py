@@ -439,16 +439,51 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     assert page.count('class="env"') == len(eps[0].token_ids) - sum(eps[0].loss_mask)
 
 
+def _write_log(run, rows):
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_plot_runs(tmp_path):
     import evaluate
 
     for name in ("a", "b"):
-        run = tmp_path / name
-        run.mkdir()
-        rows = [{"step": i + 1, "tool_call_rate": i / 10, "tool_success": 1.0, "search_has_answer": 0.1,
-                 "em": 0.2, "R_T": 0.3, "R_O": 0.4} for i in range(4)]
-        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_log(tmp_path / name, [{"step": i + 1, "tool_call_rate": i / 10, "tool_success": 1.0, "search_has_answer": 0.1,
+                                      "em": 0.2, "R_T": 0.3, "R_O": 0.4} for i in range(4)])
     out = evaluate.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "curves.png"))
     assert os.path.getsize(out) > 10_000
     with pytest.raises(FileNotFoundError, match="no log.jsonl"):
         evaluate.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
+
+
+def _eval(step, em, tool, **extra):
+    m = {"tool_call_rate": tool, "tool_success": 1.0, "search_has_answer": 0.5, "exact_match": em,
+         "contains_answer": em, "format": 0.5}
+    return {"step": step, "eval_split": "test", **{f"eval_{k}": v for k, v in m.items()}, **extra}
+
+
+def test_seed_grouping_and_results_table(tmp_path):
+    import evaluate
+
+    assert evaluate.run_label("results/runs/mt-grpo-s0/") == "mt-grpo"
+    assert evaluate.run_label("grpo-or_seed12") == "grpo-or"
+    assert evaluate.run_label("lr1e-5") == "lr1e-5"
+    train = {"R_T": 0.0, "R_O": 0.0, "time_sample": 30.0, "time_score": 0.0, "time_update": 60.0}
+    # two seeds of one method, one of another; seed 1 has an extra step-1 evaluation
+    _write_log(tmp_path / "mt-s0", [_eval(0, 0.1, 0.2, time_eval=30.0), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.3, 0.8, time_eval=30.0)}])
+    _write_log(tmp_path / "mt-s1", [_eval(0, 0.1, 0.2), {"step": 1, **train, **_eval(1, 0.0, 0.0)}, {"step": 2, **train, **_eval(2, 0.5, 1.0)}])
+    _write_log(tmp_path / "or-s0", [_eval(0, 0.1, 0.2), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
+    runs = [str(tmp_path / n) for n in ("mt-s0", "mt-s1", "or-s0")]
+    steps, mean, lo, hi = evaluate.across_seeds(evaluate.group_runs(runs)["mt"], "eval_exact_match")
+    assert steps == [0, 2]  # step 1 was evaluated in one seed only
+    assert mean == pytest.approx([0.1, 0.4]) and lo == [0.1, 0.3] and hi == [0.1, 0.5]
+    lines = evaluate.results_table(runs).splitlines()
+    assert lines[2] == "| base model | 3 | 0 | 0.200 | 1.000 | 0.500 | 0.100 | 0.100 | 0.500 | - |"
+    # mt: mean of 0.8 and 1.0 tool calls, of 0.3 and 0.5 EM; wall time (30+60)*2 + 2*30 s = 4 min for seed 0, 3 min for seed 1
+    assert lines[3] == "| mt | 2 | 2 | 0.900 (0.800-1.000) | 1.000 | 0.500 | 0.400 (0.300-0.500) | 0.400 (0.300-0.500) | 0.500 | 3.5 min |"
+    assert lines[4] == "| or | 1 | 2 | 0.000 | 1.000 | 0.500 | 0.200 | 0.200 | 0.500 | 3.0 min |"
+    assert os.path.getsize(evaluate.plot_runs(runs, str(tmp_path / "c.png"))) > 10_000
+    _write_log(tmp_path / "late-s0", [_eval(0, 0.1, 0.2), {"step": 3, **train, **_eval(3, 0.2, 0.0)}])
+    _write_log(tmp_path / "late-s1", [_eval(0, 0.1, 0.2), {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
+    with pytest.raises(ValueError, match="different steps"):
+        evaluate.results_table([str(tmp_path / "late-s0"), str(tmp_path / "late-s1")])

@@ -66,8 +66,9 @@ def parse_args(argv=None):
     a("--micro-batch-tokens", type=int, default=512, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")
-    a("--eval-every", type=int, default=0, help="greedy validation every N steps (0: never)")
-    a("--eval-questions", type=int, default=32)
+    a("--eval-every", type=int, default=0, help="greedy evaluation before training and every N steps (0: never)")
+    a("--eval-split", default="validation", choices=tool_env.SPLITS, help="tune on validation; report on test")
+    a("--eval-questions", type=int, default=32, help="first N questions of --eval-split")
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     a("--device", default=None)
@@ -263,8 +264,26 @@ def main(argv=None) -> int:
     if args.eval_every:
         import evaluate
 
-        val = tool_env.load_task(args.task, "validation")
-        eval_rows = [val[i] for i in range(min(args.eval_questions, len(val)))]
+        held_out = tool_env.load_task(args.task, args.eval_split)
+        eval_rows = [held_out[i] for i in range(min(args.eval_questions, len(held_out)))]
+
+    def run_eval(step: int) -> dict:
+        """Greedy rollouts on the held-out questions; the metrics (eval_*) go to the log,
+        the summary and every rollout to OUTPUT_DIR/evals/stepNNNN.*"""
+        t = time.time()
+        model.eval()
+        m, eps = evaluate.evaluate(model, tokenizer, eval_rows, tools, fewshot=args.fewshot,
+                                   max_turn_tokens=args.max_turn_tokens, max_tool_calls=args.max_tool_calls)
+        os.makedirs(os.path.join(args.output_dir, "evals"), exist_ok=True)
+        evaluate.write_eval(os.path.join(args.output_dir, "evals", f"step{step:04d}"),
+                            {"step": step, "split": args.eval_split, "task": args.task, "limit": len(eval_rows),
+                             "fewshot": args.fewshot, "results": m}, evaluate.trajectory_records(f"step{step}", eps))
+        return {"eval_split": args.eval_split, **{f"eval_{k}": v for k, v in m.items()}, "time_eval": time.time() - t}
+
+    if eval_rows and start == 0:
+        # step 0: the model before any update, the baseline every later evaluation is read against
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
 
     from tqdm import tqdm
 
@@ -287,9 +306,7 @@ def main(argv=None) -> int:
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
         if eval_rows and (step + 1) % args.eval_every == 0:
-            m, _ = evaluate.evaluate(model, tokenizer, eval_rows, tools, fewshot=args.fewshot,
-                                     max_turn_tokens=args.max_turn_tokens, max_tool_calls=args.max_tool_calls)
-            rec.update({f"eval_{k}": v for k, v in m.items()})
+            rec.update(run_eval(step + 1))
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
