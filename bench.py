@@ -5,7 +5,8 @@ embedded model, the factbook task (the first `--questions` training questions), 
 `--max-turn-tokens` 64 per turn, the few-shot prompt (so that some rollouts do call the
 tool and run two turns), temperature 0.9, top-k 50, seed 0.
 
-Measured, each `--repeats` times (medians reported):
+Measured, each `--repeats` times (medians reported); repetition r samples with seed r,
+ours and the naive sampler one after the other, so both see the same machine state:
 - our sampler (mtgrpo.sample_episodes): sampled tokens/s and episodes/s;
   then our log-prob pass and update; the peak memory is taken over these alone;
 - the naive sampler, as the reference does it without vLLM: per turn, re-apply the chat
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions", type=int, default=2)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-turn-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
@@ -124,18 +125,27 @@ def main(argv=None) -> int:
                       "fewshot": True, "temperature": T, "top_k": K, "seed": 0, "repeats": args.repeats,
                       "dtype": str(next(model.parameters()).dtype)}}
 
-    # --- our step first: sampling, log-prob pass, update; its peak memory alone
-    reset_peak_memory(device)
-    ours, episodes = [], None
+    # --- sampling: ours and the naive way alternate, so that a slow spell of the
+    # machine hits both; repetition `rep` seeds both with `rep`. The peak memory is
+    # read over our phases only (it is reset before each, see reset_peak_memory).
+    ours, naive, peaks, episodes = [], [], [], None
     for rep in range(args.repeats):
+        reset_peak_memory(device)
         gen = torch.Generator(device=device).manual_seed(rep)
         dt, eps = timed(lambda: mtgrpo.sample_episodes(model, tok, rows, tools, G, args.max_turn_tokens, T, K,
                                                        fewshot=True, generator=gen))
+        peaks.append(peak_memory_mb(device))
         n = sum(sum(e.loss_mask) for e in eps)
         ours.append({"s": dt, "tokens": n, "episodes": len(eps), "tok_s": n / dt, "ep_s": len(eps) / dt,
                      "two_turn": sum(e.num_turns > 1 for e in eps)})
         episodes = episodes or eps
-        print(f"rep {rep}: ours {ours[-1]['tok_s']:.1f} tok/s", flush=True)
+        msg = f"rep {rep}: ours {ours[-1]['tok_s']:.1f} tok/s"
+        if not args.no_naive:
+            torch.manual_seed(rep)
+            dt, (n, ne) = timed(lambda: naive_sample(model, tok, rows, tools, G, args.max_turn_tokens, T, K, True))
+            naive.append({"s": dt, "tokens": n, "episodes": ne, "tok_s": n / dt, "ep_s": ne / dt})
+            msg += f", naive {naive[-1]['tok_s']:.1f} tok/s, ratio {ours[-1]['tok_s'] / naive[-1]['tok_s']:.2f}"
+        print(msg, flush=True)
     mtgrpo.score_episodes(episodes)
     g = torch.Generator().manual_seed(0)
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
@@ -155,35 +165,32 @@ def main(argv=None) -> int:
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.input_ids[:, 1:].flatten()).backward()
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    opt = train.make_optimizer(model, lr=1e-9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    lp, up = [], []
+    lp, up, bb = [], [], []
     for _ in range(args.repeats):
+        reset_peak_memory(device)
         lp.append(timed(logprob_pass)[0])
         up.append(timed(lambda: train.update(model, opt, sched, episodes, advs, targs, tok.pad_token_id))[0])
-    peak = peak_memory_mb(device)
+        peaks.append(peak_memory_mb(device))
+        bb.append(timed(bare)[0])  # the bound, right after the update it bounds
+    peak = max(peaks)
+    sample_peak, update_peak = max(peaks[: args.repeats]), max(peaks[args.repeats :])
 
-    # --- the references, on the same prompts, budgets and batch
-    naive, bb = [], []
-    for rep in range(args.repeats):
-        bb.append(timed(bare)[0])
-        if not args.no_naive:
-            torch.manual_seed(rep)
-            dt, (n, ne) = timed(lambda: naive_sample(model, tok, rows, tools, G, args.max_turn_tokens, T, K, True))
-            naive.append({"s": dt, "tokens": n, "episodes": ne, "tok_s": n / dt, "ep_s": ne / dt})
-            print(f"rep {rep}: naive {naive[-1]['tok_s']:.1f} tok/s", flush=True)
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     res["sampling"] = {"ours_tok_s": med(ours, "tok_s"), "ours_ep_s": med(ours, "ep_s"), "runs": ours}
     if naive:
         res["sampling"].update({"naive_tok_s": med(naive, "tok_s"), "naive_ep_s": med(naive, "ep_s"), "naive_runs": naive,
-                                "speedup": med(ours, "tok_s") / med(naive, "tok_s")})
+                                "speedup": med(ours, "tok_s") / med(naive, "tok_s"),
+                                "speedup_per_repeat": [o["tok_s"] / n["tok_s"] for o, n in zip(ours, naive)]})
+        res["sampling"]["median_speedup_per_repeat"] = statistics.median(res["sampling"]["speedup_per_repeat"])
     res["logprob"] = {"tok_s": tokens / statistics.median(lp), "tokens": tokens}
     res["update"] = {"tok_s": tokens / statistics.median(up), "bare_tok_s": tokens / statistics.median(bb),
                      "fraction_of_bound": statistics.median(bb) / statistics.median(up), "micro_batches": len(batches),
                      "micro_batch_tokens": targs.micro_batch_tokens}
     n_params = sum(p.numel() for p in model.parameters())
     floor_mb = n_params * (4 + 4 + 8) / 2**20 if next(model.parameters()).dtype == torch.float32 else n_params * (2 + 2 + 8) / 2**20
-    res["memory"] = {"peak_mb": peak, "floor_mb": floor_mb, "what": "peak RSS (CPU) or max allocated (CUDA) during our sampling, log-prob passes and updates"}
+    res["memory"] = {"peak_mb": peak, "sampling_peak_mb": sample_peak, "update_peak_mb": update_peak, "floor_mb": floor_mb, "what": "peak RSS (CPU) or max allocated (CUDA) during our sampling, log-prob passes and updates"}
     res["memory"]["peak_over_floor"] = res["memory"]["peak_mb"] / floor_mb
     sample_s = statistics.median(o["s"] for o in ours)
     res["step"] = {"sample_s": sample_s, "logprob_s": statistics.median(lp), "update_s": statistics.median(up)}
@@ -196,12 +203,14 @@ def main(argv=None) -> int:
              f"{'sampling, ours (episodes/s)':<34}{s['ours_ep_s']:>14.3f}"]
     if naive:
         lines += [f"{'sampling, naive (tok/s)':<34}{s['naive_tok_s']:>14.1f}",
-                  f"{'sampling speed-up (ratio of medians)':<34}{s['speedup']:>14.2f}"]
+                  f"{'sampling speed-up (ratio of medians)':<34}{s['speedup']:>14.2f}",
+                  f"{'  (median of per-repeat ratios)':<34}{s['median_speedup_per_repeat']:>14.2f}"]
     lines += [f"{'log-prob pass (tok/s)':<34}{res['logprob']['tok_s']:>14.1f}",
               f"{'update (tok/s)':<34}{res['update']['tok_s']:>14.1f}",
               f"{'bare forward+backward (tok/s)':<34}{res['update']['bare_tok_s']:>14.1f}",
               f"{'update / bare bound':<34}{res['update']['fraction_of_bound']:>14.2f}",
               f"{'peak memory (MiB)':<34}{res['memory']['peak_mb']:>14.0f}",
+              f"{'  in sampling / in the update':<34}{sample_peak:>7.0f} /{update_peak:>5.0f}",
               f"{'floor: weights+grads+AdamW (MiB)':<34}{floor_mb:>14.0f}",
               f"{'step: sample + update (s)':<34}{sample_s:>6.1f} +{res['step']['update_s']:>6.1f}"]
     print("\n".join(lines))

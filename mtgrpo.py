@@ -224,7 +224,8 @@ def sample_episodes(
     sequence's turn ends at </tool> or </answer>, EOS, or after `max_turn_tokens`;
     then the environment (tool_env.env_step) decides: episode over, or the tool's
     <result> goes back. In the latter case the glue ids are fed with the next step
-    (prefilling only the new tokens). Rows feeding fewer tokens than the widest are
+    (prefilling only the new tokens) once no row is still decoding, so that one
+    forward prefills all the results of a round. Rows feeding fewer tokens than the widest are
     left-padded; the padding gets attention 0 and no position, so the cache may hold
     holes but every real token sees exactly its own history. Finished sequences are
     dropped from the batch and the cache. Each distinct prompt is prefilled once and
@@ -258,6 +259,7 @@ def sample_episodes(
         raise ValueError(f"force has {len(force)} scripts for {len(episodes)} episodes")
     n_sampled = [0] * len(episodes)
     live = list(range(len(episodes)))  # episode index of each batch row
+    parked = set()  # episodes whose tool result waits to be prefilled
     turn = {i: 1 for i in live}
     turn_start = {i: len(episodes[i].token_ids) for i in live}
     state = {"cache": _growing_cache(),
@@ -298,6 +300,9 @@ def sample_episodes(
         logps = torch.log_softmax(logits / logT, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         keep = []
         for r, i in enumerate(live):
+            if i in parked:  # this row was fed a hole: its logits mean nothing
+                keep.append(r)
+                continue
             ep, tok = episodes[i], int(tokens[r])
             n_sampled[i] += 1
             ep.token_ids.append(tok)
@@ -328,6 +333,7 @@ def sample_episodes(
             ep.token_turns += [0] * len(glue)
             ep.sample_logp += [0.0] * len(glue)
             feed[i] = [tok] + glue
+            parked.add(i)
             turn[i] += 1
             turn_start[i] = len(ep.token_ids)
             keep.append(r)
@@ -337,8 +343,15 @@ def sample_episodes(
                 state["cache"].batch_select_indices(idx)
             state["attn"], state["n_real"] = state["attn"][idx], state["n_real"][idx]
             live = [live[r] for r in keep]
-        if live:  # 4. feed the sampled token (and any environment glue) of each live row
-            logits = forward([feed[i] for i in live])
+        if live:
+            # 4. feed each live row its sampled token. A row whose tool result came back
+            # is parked (fed nothing: a hole) until no row is still decoding; then all
+            # parked rows prefill their results in one forward. Fed as soon as they
+            # arrive, every result would widen that step for the whole batch: rows x
+            # the result's length, where each other row needs one token.
+            if all(i in parked for i in live):
+                parked.clear()
+            logits = forward([[] if i in parked else feed[i] for i in live])
     return episodes
 
 

@@ -330,12 +330,17 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     # "crash" after step 2: resume to step 3
     assert train.main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
     full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
-    assert [r["step"] for r in cut] == [1, 2, 3]
+    # step 0: the evaluation before training, logged once (not again on --resume)
+    assert [r["step"] for r in cut] == [0, 1, 2, 3]
+    assert full[0] == {**cut[0], "time_eval": full[0]["time_eval"]} and "loss" not in full[0]
+    assert sorted(os.listdir(tmp_path / "cut" / "evals")) == [
+        "step0000.json", "step0000.trajectories.jsonl", "step0002.json", "step0002.trajectories.jsonl"]
+    full, cut = full[1:], cut[1:]
     assert all(r["trained_episodes"] > 0 and r["grad_norm"] > 0 for r in full)  # real updates happened
     for key in ("loss", "R_O", "sampled_tokens", "entropy", "grad_norm", "clip_frac"):
         assert cut[2][key] == full[2][key], key
     assert cut[1]["loss"] == full[1]["loss"]
-    # greedy validation every 2 steps, logged on the same line
+    # greedy evaluation every 2 steps, logged on the same line
     assert "eval_exact_match" in full[1] and "eval_exact_match" not in full[0]
     assert 0.0 <= full[1]["eval_tool_call_rate"] <= 1.0
     # the checkpoint loads with plain transformers

@@ -175,6 +175,13 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_
     }
 
 
+def make_optimizer(model, lr: float) -> torch.optim.AdamW:
+    """AdamW as in the paper (betas 0.9, 0.99, no weight decay). fused=True updates each
+    tensor in one kernel; the default (foreach) builds temporaries the size of all the
+    weights, which raised the step's peak memory by about 0.5 GB for the 135M model."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+
+
 def mean_adv_per_turn(advantages, episodes) -> dict:
     out = {}
     for k in (1, 2):
@@ -241,7 +248,7 @@ def main(argv=None) -> int:
         sys.exit(f"error: {e}")
     tools = tool_env.make_tools(corpus, args.search_chars)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = make_optimizer(model, args.lr)
     warm = max(args.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     generator = torch.Generator(device=device).manual_seed(args.seed)
