@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench results clean
 
 install: $(STAMP)
 
@@ -28,3 +28,8 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench.py
+
+# README "Results": the table (results/compare.md) and the plot (results/compare.png),
+# regenerated from the committed logs of configs/compare.sh's runs
+results: $(STAMP)
+	$(PY) evaluate.py --table results/runs/*-s* --plot results/runs/*-s* --out results/compare
