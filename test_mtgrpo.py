@@ -322,6 +322,12 @@ def fake_scores(episodes):
                         "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
 
 
+def test_spread_covers_the_split():
+    assert train.spread(10, 4) == [0, 2, 5, 7]
+    assert train.spread(3, 5) == [0, 1, 2]
+    assert train.spread(6, 6) == [0, 1, 2, 3, 4, 5]
+
+
 def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     _, path = tiny
     monkeypatch.setattr(mtgrpo, "score_episodes", fake_scores)

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     a("--output-dir", default="runs/default")
     a("--eval-every", type=int, default=0, help="greedy evaluation before training and every N steps (0: never)")
     a("--eval-split", default="validation", choices=tool_env.SPLITS, help="tune on validation; report on test")
-    a("--eval-questions", type=int, default=32, help="first N questions of --eval-split")
+    a("--eval-questions", type=int, default=32, help="N questions of --eval-split, spread evenly over it")
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     a("--device", default=None)
@@ -96,6 +96,14 @@ def questions_for_step(n_rows: int, step: int, k: int, seed: int) -> list[int]:
         random.Random(seed * 100_003 + epoch).shuffle(perm)
         out.append(perm[pos])
     return out
+
+
+def spread(n_rows: int, k: int) -> list[int]:
+    """k row indices spread evenly over n_rows (all if k >= n_rows). The factbook splits
+    are grouped by country, so the first k questions would cover only a few countries."""
+    if k >= n_rows:
+        return list(range(n_rows))
+    return [i * n_rows // k for i in range(k)]
 
 
 def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
@@ -272,7 +280,7 @@ def main(argv=None) -> int:
         import evaluate
 
         held_out = tool_env.load_task(args.task, args.eval_split)
-        eval_rows = [held_out[i] for i in range(min(args.eval_questions, len(held_out)))]
+        eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions)]
 
     def run_eval(step: int) -> dict:
         """Greedy rollouts on the held-out questions; the metrics (eval_*) go to the log,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The learning-rate sweep behind configs/compare.sh, judged on the VALIDATION split
-# (greedy, first 32 questions) only. Everything else is fixed at compare.sh's values.
+# (greedy, 32 questions) only. Everything else is fixed at compare.sh's values.
+# Note: the sweep in README ran before train.py spread its evaluation questions over
+# the split, so it was judged on the FIRST 32 validation questions (6 countries).
 # CPU budget (2 cores): the three runs go side by side, one thread each.
 # What was run and why: README "Results".
 set -euo pipefail
