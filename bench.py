@@ -25,6 +25,8 @@ ours and the naive sampler one after the other, so both see the same machine sta
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import statistics
@@ -70,9 +72,17 @@ def naive_sample(model, tok, rows, tools, G, max_turn_tokens, temperature, top_k
 
 
 def reset_peak_memory(device) -> None:
+    """Start a phase's peak-memory window. On CPU, first hand freed heap back to the
+    OS (glibc malloc_trim): the RSS would otherwise still hold what the previous phase
+    (e.g. the naive sampler) freed, and charge it to the next one."""
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -98,6 +108,24 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t, out
+
+
+def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> float:
+    """Median time of one cached decode step for `rows` sequences after a `context`-token
+    prefill: how the cost of a sampling step grows with the batch."""
+    device = next(model.parameters()).device
+    model.eval()
+    ids = torch.randint(100, 1000, (rows, context), device=device)
+    times = []
+    with torch.inference_mode():
+        cache = mtgrpo._growing_cache()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            dt, out = timed(lambda: model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(dt * 1000)
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -177,6 +205,8 @@ def main(argv=None) -> int:
     peak = max(peaks)
     sample_peak, update_peak = max(peaks[: args.repeats]), max(peaks[args.repeats :])
 
+    # what one decode step costs as the batch grows (the sampler runs ~2 x max-turn-tokens of them)
+    res["decode_step_ms"] = {str(r): decode_step_ms(model, r) for r in (1, 4, 16)}
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     res["sampling"] = {"ours_tok_s": med(ours, "tok_s"), "ours_ep_s": med(ours, "ep_s"), "runs": ours}
     if naive:
@@ -212,6 +242,7 @@ def main(argv=None) -> int:
               f"{'peak memory (MiB)':<34}{res['memory']['peak_mb']:>14.0f}",
               f"{'  in sampling / in the update':<34}{sample_peak:>7.0f} /{update_peak:>5.0f}",
               f"{'floor: weights+grads+AdamW (MiB)':<34}{floor_mb:>14.0f}",
+              f"{'decode step, 1 / 4 / 16 rows (ms)':<34}" + " /".join(f"{v:5.0f}" for v in res["decode_step_ms"].values()),
               f"{'step: sample + update (s)':<34}{sample_s:>6.1f} +{res['step']['update_s']:>6.1f}"]
     print("\n".join(lines))
     with open(args.out, "w") as f:
