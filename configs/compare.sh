@@ -3,8 +3,7 @@
 # One command per method; all three share every setting but --method, and run with
 # the same seeds. The learning rate comes from configs/sweep.sh (validation only);
 # evaluation is greedy on 32 TEST questions spread over the split (22 of its 23
-# held-out countries), before
-# training and every 5 steps. Sized for a 2-core CPU: the three methods of a seed run
+# held-out countries), before training and every 5 steps. Sized for a 2-core CPU: the three methods of a seed run
 # side by side with one thread each (about 3.5 GB of memory each), seeds one after
 # the other. Then: make results (table + plot from results/runs).
 set -euo pipefail
