@@ -3,9 +3,11 @@
 # One command per method; all three share every setting but --method, and run with
 # the same seeds. The learning rate comes from configs/sweep.sh (validation only);
 # evaluation is greedy on 32 TEST questions spread over the split (22 of its 23
-# held-out countries), before training and every 5 steps. Sized for a 2-core CPU: the three methods of a seed run
-# side by side with one thread each (about 3.5 GB of memory each), seeds one after
-# the other. Then: make results (table + plot from results/runs).
+# held-out countries), before training and every 5 steps. Sized for a 2-core CPU:
+# the three methods of a seed run side by side with one thread each (up to 4 GB of
+# memory each), seeds one after the other. At the end each run's log, config and
+# evaluations are copied to results/runs/; `make results` then rebuilds the table
+# (results/compare.md) and the plot (results/compare.png) from them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,4 +24,10 @@ for seed in $SEEDS; do
     OMP_NUM_THREADS=1 $PY train.py --method $method $COMMON --seed $seed --output-dir "$run" $resume > "$run.out" 2>&1 &
   done
   wait
+done
+for seed in $SEEDS; do
+  for method in mt-grpo grpo-or grpo-mr; do
+    mkdir -p "results/runs/$method-s$seed"
+    cp -r "$OUT/$method-s$seed/log.jsonl" "$OUT/$method-s$seed/config.json" "$OUT/$method-s$seed/evals" "results/runs/$method-s$seed/"
+  done
 done
