@@ -103,6 +103,7 @@ PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execut
              ("search_has_answer", "search has answer"), ("exact_match", "exact match"),
              ("R_T", "R^T (training rollouts)"), ("R_O", "R^O (training rollouts)"))
 TRAIN_KEY = {"exact_match": "em"}  # the training log's name for a metric, where it differs
+TRAIN_SCALE = {"search_has_answer": ", x0.5"}  # training logs hold the weighted reward component
 
 
 def read_log(run_dir: str) -> list[dict]:
@@ -154,6 +155,7 @@ def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
     import matplotlib.pyplot as plt
 
     groups = group_runs(run_dirs)
+    split = next((r["eval_split"] for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (key, title) in zip(axes.flat, PLOT_KEYS):
         held_out = any(f"eval_{key}" in r for logs in groups.values() for log in logs for r in log)
@@ -166,8 +168,11 @@ def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
             line, = ax.plot(steps, mean, marker="o" if held_out else None, label=f"{label} (n={len(logs)})")
             if len(logs) > 1:
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
-        split = next((r.get("eval_split") for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
-        ax.set_title(f"{title} ({split})" if held_out and split else title if held_out or key.startswith("R_") else f"{title} (training rollouts)")
+        if held_out:
+            title += f" ({split})" if split else ""
+        elif not key.startswith("R_"):  # the R panels say "training rollouts" already
+            title += f" (training rollouts{TRAIN_SCALE.get(key, '')})"
+        ax.set_title(title)
         ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()
