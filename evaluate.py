@@ -29,6 +29,7 @@ import sys
 import torch
 
 import mtgrpo
+import precision
 import tool_env
 
 METRICS = ("tool_call_rate", "tool_success", "search_has_answer", "exact_match", "contains_answer", "format")
@@ -257,8 +258,15 @@ def render(tokenizer, episode: mtgrpo.Episode, adv: torch.Tensor, scale: float |
     return "".join(ansi), doc
 
 
+def load(args, name: str):
+    """(model, tokenizer) in the compute dtype of --precision."""
+    device = args.device or mtgrpo.default_device()
+    dtype = precision.DTYPES[precision.resolve(args.precision, device)]
+    return mtgrpo.load_model(resolve_model(name), device, dtype)
+
+
 def show(args, tools: dict) -> int:
-    model, tok = mtgrpo.load_model(resolve_model(args.model[0]), args.device)
+    model, tok = load(args, args.model[0])
     rows = tool_env.load_task(args.task, args.split)
     row = rows[args.index]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
@@ -302,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--index", type=int, default=0, help="question index for --show")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
+                   help="weights' dtype for sampling; auto: bf16 where the hardware is fast at it")
     args = p.parse_args(argv)
     if args.plot or args.table:
         try:
@@ -326,7 +336,7 @@ def main(argv=None) -> int:
     rows = [rows[i] for i in range(len(rows) if args.limit <= 0 else min(args.limit, len(rows)))]
     results, trajectories = {}, []
     for name in args.model:
-        model, tok = mtgrpo.load_model(resolve_model(name), args.device)
+        model, tok = load(args, name)
         metrics, eps = evaluate(model, tok, rows, tools, args.samples, 0.9, args.fewshot, args.max_turn_tokens, seed=args.seed)
         results[name] = metrics
         trajectories += trajectory_records(name, eps)

