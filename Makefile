@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train bench results clean
+.PHONY: install test train bench bench-trl results clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
 
 bench: $(STAMP)
+	$(PY) bench.py
+
+# the peer of the benchmark, TRL's GRPOTrainer, in its own virtual environment (TRL is
+# not a dependency of this project); bench.py runs bench_trl.py there when it exists
+bench-trl: $(STAMP)
+	test -x .venv-trl/bin/python || $(PYTHON) -m venv .venv-trl
+	.venv-trl/bin/python -m pip install -q -r requirements.txt trl==1.16.0
 	$(PY) bench.py
 
 # README "Results": the table (results/compare.md) and the plot (results/compare.png),

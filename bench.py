@@ -1,25 +1,28 @@
-"""Benchmark one MT-GRPO step and compare it with two references, in one run.
+"""Benchmark one MT-GRPO training step against today's float32 step and against TRL.
 
 Fixed configuration (change with flags, and say so when you quote numbers): the
 embedded model, the factbook task (the first `--questions` training questions), G = 8,
-`--max-turn-tokens` 64 per turn, the few-shot prompt (so that some rollouts do call the
-tool and run two turns), temperature 0.9, top-k 50, seed 0.
+`--max-turn-tokens` 64 per turn, the few-shot prompt (so that some rollouts call the
+tool and run two turns), temperature 0.9, top-k 50, mu = 2, random advantages (every
+episode is trained, whatever the rewards), lr 0 (every repetition samples the same
+policy). Repetition r samples with seed r. Reported: medians over `--repeats`.
 
-Measured, each `--repeats` times (medians reported); repetition r samples with seed r,
-ours and the naive sampler one after the other, so both see the same machine state:
-- our sampler (mtgrpo.sample_episodes): sampled tokens/s and episodes/s;
-  then our log-prob pass and update; the peak memory is taken over these alone;
-- the naive sampler, as the reference does it without vLLM: per turn, re-apply the chat
-  template to the whole conversation, `model.generate` with stop strings, decode, run
-  the tool, repeat; our speed-up is the ratio of sampled tokens/s;
-- the log-prob pass (token_logprobs under inference_mode) in tokens/s;
-- the update (train.update, mu = 1, every episode trained) in tokens/s, and the
-  hardware bound: a bare forward + backward (cross-entropy) on the same micro-batches;
-- the whole step's time split, and peak memory (RSS on CPU, max allocated on CUDA)
-  against the floor of weights + gradients + AdamW state (16 bytes per parameter).
+- today's float32 step: the sampler, then mu iterations of the update with every
+  episode forwarded whole (train.update(..., shared_prefix=False)) in float32;
+- our step in `--precision` (default auto: bf16 where the hardware is fast at it): the
+  same, with each question's prompt forwarded once for its G rollouts (mtgrpo.Prefix);
+  the two alternate within each repetition, so a slow spell of the machine hits both;
+- our update against a bare forward + backward (cross-entropy, whole sequences, our
+  precision) on the same tokens, per optimizer iteration;
+- the peer: TRL's GRPOTrainer on the same prompts, G, questions and token budget,
+  single turn (bench_trl.py, run in .venv-trl; `make bench-trl` installs it);
+- peak memory per phase (RSS on CPU, max allocated on CUDA) against the floor:
+  (bf16 weights +) float32 master weights + float32 gradients + AdamW state;
+- one decode step at 1 / 4 / 16 rows; `--naive` also times the naive sampler
+  (re-template the conversation and `generate` every turn).
 
     python bench.py                 # CPU; on a CUDA machine it uses the GPU
-    python bench.py --out bench.json
+    python bench.py --out results/bench_cpu.json
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import mtgrpo
+import precision
 import tool_env
 import train
 
@@ -128,122 +132,161 @@ def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> floa
     return statistics.median(times)
 
 
+def rl_step(model, master, tok, rows, tools, G, turn_tokens, seed, shared_prefix, device, targs):
+    """One RL step as train.py takes it (sample, then mu optimizer steps), with random
+    advantages so that every episode is trained whatever the rewards. lr is 0, so the
+    weights (and the next repetition's rollouts) do not change. Returns the episodes,
+    the phase times and the phase peaks."""
+    reset_peak_memory(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t_sample, eps = timed(lambda: mtgrpo.sample_episodes(model, tok, rows, tools, G, turn_tokens, T, K,
+                                                         fewshot=True, generator=gen))
+    peak_sample = peak_memory_mb(device)
+    g = torch.Generator().manual_seed(seed)
+    advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in eps]
+    opt = train.make_optimizer(master.params, lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    reset_peak_memory(device)
+    t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, targs, tok.pad_token_id,
+                                               shared_prefix=shared_prefix))
+    peak_update = peak_memory_mb(device)
+    del opt, sched
+    return eps, advs, {"sample_s": t_sample, "update_s": t_update, "step_s": t_sample + t_update,
+                       "sampled_tokens": sum(sum(e.loss_mask) for e in eps),
+                       "episode_tokens": sum(len(e.token_ids) for e in eps),
+                       "two_turn": sum(e.num_turns > 1 for e in eps), "micro_batches": upd["micro_batches"],
+                       "logp_diff_max": upd["logp_diff_max"], "sample_peak_mb": peak_sample, "update_peak_mb": peak_update}
+
+
+def run_trl(args, prec: str) -> dict | None:
+    """bench_trl.py in .venv-trl (make bench-trl), or None when that venv is missing."""
+    import os
+    import subprocess
+
+    py = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv-trl", "bin", "python")
+    if not os.path.exists(py):
+        print("TRL peer skipped: no .venv-trl (make bench-trl installs it)")
+        return None
+    cmd = [py, "bench_trl.py", "--questions", str(args.questions), "--group-size", str(args.group_size),
+           "--max-turn-tokens", str(args.max_turn_tokens), "--mu", str(args.mu), "--repeats", str(args.repeats),
+           "--precision", prec]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode != 0:
+        print(f"TRL peer failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:] }")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+T, K = 0.9, 50  # the training defaults: temperature and top-k
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Benchmark sampling, log-prob pass and update.")
+    p = argparse.ArgumentParser(description="Benchmark one RL step: today's float32 step, ours, and TRL's.")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--questions", type=int, default=2)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-turn-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    p.add_argument("--mu", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", default="auto", choices=precision.PRECISIONS, help="ours; the baseline is float32")
+    p.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
+    p.add_argument("--naive", action="store_true", help="also time the naive multi-turn sampler (re-template every turn)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
 
     device = args.device or mtgrpo.default_device()
+    prec = precision.resolve(args.precision, device)
     torch.manual_seed(0)
-    model, tok = mtgrpo.load_model(args.model, device)
-    model.eval()
     ds = tool_env.load_task("factbook", "train")
     rows = [ds[i] for i in range(args.questions)]
     tools = tool_env.make_tools(tool_env.load_corpus("factbook"))
-    G, T, K = args.group_size, 0.9, 50
+    G, L = args.group_size, args.max_turn_tokens
+    targs = train.parse_args(["--mu", str(args.mu), "--max-turn-tokens", str(L), "--temperature", str(T)])
+    base_model, tok = mtgrpo.load_model(args.model, device)
+    base = precision.MasterWeights(base_model, "fp32")
+    ours_model = base_model if prec == "fp32" else mtgrpo.load_model(args.model, device)[0]
+    ours = base if prec == "fp32" else precision.MasterWeights(ours_model, prec)
+    n_params = sum(p.numel() for p in base_model.parameters())
     res = {"device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-           "config": {"model": args.model, "questions": args.questions, "G": G, "max_turn_tokens": args.max_turn_tokens,
-                      "fewshot": True, "temperature": T, "top_k": K, "seed": 0, "repeats": args.repeats,
-                      "dtype": str(next(model.parameters()).dtype)}}
+           "config": {"model": args.model, "questions": args.questions, "G": G, "max_turn_tokens": L, "mu": args.mu,
+                      "fewshot": True, "temperature": T, "top_k": K, "repeats": args.repeats, "precision": prec,
+                      "micro_batch_tokens": targs.micro_batch_tokens}}
 
-    # --- sampling: ours and the naive way alternate, so that a slow spell of the
-    # machine hits both; repetition `rep` seeds both with `rep`. The peak memory is
-    # read over our phases only (it is reset before each, see reset_peak_memory).
-    ours, naive, peaks, episodes = [], [], [], None
+    # --- whole RL steps: today's (float32, every episode forwarded whole) and ours
+    # (default precision, each prompt forwarded once per group), alternating per
+    # repetition so that a slow spell of the machine hits both; same seed, same rollouts
+    # in float32. lr = 0 keeps the weights, so every repetition samples the same policy.
+    runs = {"today_fp32": [], "ours": []}
     for rep in range(args.repeats):
-        reset_peak_memory(device)
-        gen = torch.Generator(device=device).manual_seed(rep)
-        dt, eps = timed(lambda: mtgrpo.sample_episodes(model, tok, rows, tools, G, args.max_turn_tokens, T, K,
-                                                       fewshot=True, generator=gen))
-        peaks.append(peak_memory_mb(device))
-        n = sum(sum(e.loss_mask) for e in eps)
-        ours.append({"s": dt, "tokens": n, "episodes": len(eps), "tok_s": n / dt, "ep_s": len(eps) / dt,
-                     "two_turn": sum(e.num_turns > 1 for e in eps)})
-        episodes = episodes or eps
-        msg = f"rep {rep}: ours {ours[-1]['tok_s']:.1f} tok/s"
-        if not args.no_naive:
-            torch.manual_seed(rep)
-            dt, (n, ne) = timed(lambda: naive_sample(model, tok, rows, tools, G, args.max_turn_tokens, T, K, True))
-            naive.append({"s": dt, "tokens": n, "episodes": ne, "tok_s": n / dt, "ep_s": ne / dt})
-            msg += f", naive {naive[-1]['tok_s']:.1f} tok/s, ratio {ours[-1]['tok_s'] / naive[-1]['tok_s']:.2f}"
-        print(msg, flush=True)
-    mtgrpo.score_episodes(episodes)
-    g = torch.Generator().manual_seed(0)
-    advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
-    targs = train.parse_args(["--mu", "1", "--max-turn-tokens", str(args.max_turn_tokens)])
-    tokens = sum(len(e.token_ids) for e in episodes)
-    groups = mtgrpo.micro_batches([len(e.token_ids) for e in episodes], targs.micro_batch_tokens)
-    batches = [mtgrpo.collate([episodes[i] for i in grp], [advs[i] for i in grp], tok.pad_token_id, device) for grp in groups]
+        _, _, r = rl_step(base_model, base, tok, rows, tools, G, L, rep, False, device, targs)
+        runs["today_fp32"].append(r)
+        eps, advs, r = rl_step(ours_model, ours, tok, rows, tools, G, L, rep, True, device, targs)
+        runs["ours"].append(r)
+        print(f"rep {rep}: today's fp32 step {runs['today_fp32'][-1]['step_s']:.1f} s "
+              f"(sample {runs['today_fp32'][-1]['sample_s']:.1f} + update {runs['today_fp32'][-1]['update_s']:.1f}), "
+              f"ours ({prec}) {r['step_s']:.1f} s (sample {r['sample_s']:.1f} + update {r['update_s']:.1f})", flush=True)
+    med = lambda name, k: statistics.median(x[k] for x in runs[name])  # noqa: E731
+    for name in runs:
+        res[name] = {k: med(name, k) for k in ("step_s", "sample_s", "update_s", "sampled_tokens", "episode_tokens")}
+        res[name]["runs"] = runs[name]
+    res["step_speedup"] = med("today_fp32", "step_s") / med("ours", "step_s")
+    res["step_speedup_per_repeat"] = statistics.median(a["step_s"] / b["step_s"] for a, b in zip(runs["today_fp32"], runs["ours"]))
 
-    def logprob_pass():
-        with torch.inference_mode():
-            for b in batches:
-                mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, T, positions=b.loss_mask.bool())
+    # --- our update against a bare forward+backward (cross-entropy over whole sequences,
+    # in our precision) on the same tokens: one optimizer iteration's worth
+    groups = mtgrpo.micro_batches([len(e.token_ids) for e in eps], targs.micro_batch_tokens)
+    batches = [mtgrpo.collate([eps[i] for i in grp], [advs[i] for i in grp], tok.pad_token_id, device) for grp in groups]
 
     def bare():
-        model.zero_grad(set_to_none=True)
+        ours_model.zero_grad(set_to_none=True)
         for b in batches:
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logits = ours_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.input_ids[:, 1:].flatten()).backward()
+        ours_model.zero_grad(set_to_none=True)
 
-    opt = train.make_optimizer(model, lr=1e-9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    lp, up, bb = [], [], []
-    for _ in range(args.repeats):
-        reset_peak_memory(device)
-        lp.append(timed(logprob_pass)[0])
-        up.append(timed(lambda: train.update(model, opt, sched, episodes, advs, targs, tok.pad_token_id))[0])
-        peaks.append(peak_memory_mb(device))
-        bb.append(timed(bare)[0])  # the bound, right after the update it bounds
-    peak = max(peaks)
-    sample_peak, update_peak = max(peaks[: args.repeats]), max(peaks[args.repeats :])
+    bb = [timed(bare)[0] for _ in range(args.repeats)]
+    per_iter = med("ours", "update_s") / args.mu
+    res["update_vs_bare"] = {"bare_s": statistics.median(bb), "ours_per_iteration_s": per_iter,
+                             "ratio": statistics.median(bb) / per_iter}
 
-    # what one decode step costs as the batch grows (the sampler runs ~2 x max-turn-tokens of them)
-    res["decode_step_ms"] = {str(r): decode_step_ms(model, r) for r in (1, 4, 16)}
-    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
-    res["sampling"] = {"ours_tok_s": med(ours, "tok_s"), "ours_ep_s": med(ours, "ep_s"), "runs": ours}
-    if naive:
-        res["sampling"].update({"naive_tok_s": med(naive, "tok_s"), "naive_ep_s": med(naive, "ep_s"), "naive_runs": naive,
-                                "speedup": med(ours, "tok_s") / med(naive, "tok_s"),
-                                "speedup_per_repeat": [o["tok_s"] / n["tok_s"] for o, n in zip(ours, naive)]})
-        res["sampling"]["median_speedup_per_repeat"] = statistics.median(res["sampling"]["speedup_per_repeat"])
-    res["logprob"] = {"tok_s": tokens / statistics.median(lp), "tokens": tokens}
-    res["update"] = {"tok_s": tokens / statistics.median(up), "bare_tok_s": tokens / statistics.median(bb),
-                     "fraction_of_bound": statistics.median(bb) / statistics.median(up), "micro_batches": len(batches),
-                     "micro_batch_tokens": targs.micro_batch_tokens}
-    n_params = sum(p.numel() for p in model.parameters())
-    floor_mb = n_params * (4 + 4 + 8) / 2**20 if next(model.parameters()).dtype == torch.float32 else n_params * (2 + 2 + 8) / 2**20
-    res["memory"] = {"peak_mb": peak, "sampling_peak_mb": sample_peak, "update_peak_mb": update_peak, "floor_mb": floor_mb, "what": "peak RSS (CPU) or max allocated (CUDA) during our sampling, log-prob passes and updates"}
-    res["memory"]["peak_over_floor"] = res["memory"]["peak_mb"] / floor_mb
-    sample_s = statistics.median(o["s"] for o in ours)
-    res["step"] = {"sample_s": sample_s, "logprob_s": statistics.median(lp), "update_s": statistics.median(up)}
-    res["step"]["total_s"] = sample_s + res["step"]["update_s"]  # train.py reuses the sampler's log-probs
+    # --- peak memory per phase (from the timed runs) against the floor
+    floor = n_params * (16 if prec == "fp32" else 18) / 2**20  # (bf16 weights 2 +) fp32 master 4 + grads 4 + AdamW 8
+    res["memory"] = {"floor_mb": floor, "what": "peak RSS (CPU) or max allocated (CUDA) per phase",
+                     "sample_peak_mb": max(r["sample_peak_mb"] for r in runs["ours"]),
+                     "update_peak_mb": max(r["update_peak_mb"] for r in runs["ours"])}
+    if prec != "fp32":
+        res["memory"]["note"] = "the float32 baseline model stays loaded during our phases and is counted in the RSS"
+    res["memory"]["update_peak_over_floor"] = res["memory"]["update_peak_mb"] / floor
+    res["decode_step_ms"] = {str(r): decode_step_ms(ours_model, r) for r in (1, 4, 16)}
 
-    s = res["sampling"]
+    if args.naive:
+        dt, (n, _) = timed(lambda: naive_sample(ours_model, tok, rows, tools, G, L, T, K, True))
+        res["naive_sampler"] = {"s": dt, "tok_s": n / dt, "ours_tok_s": med("ours", "sampled_tokens") / med("ours", "sample_s")}
+
+    trl = None if args.no_trl else run_trl(args, prec)
+    if trl:
+        res["trl"] = trl
+        res["ours_over_trl"] = med("ours", "step_s") / trl["rl_step_s"]
+
+    o, b = res["ours"], res["today_fp32"]
     lines = [f"device: {res['device']}   config: {json.dumps(res['config'])}",
-             f"{'measure':<34}{'value':>14}",
-             f"{'sampling, ours (tok/s)':<34}{s['ours_tok_s']:>14.1f}",
-             f"{'sampling, ours (episodes/s)':<34}{s['ours_ep_s']:>14.3f}"]
-    if naive:
-        lines += [f"{'sampling, naive (tok/s)':<34}{s['naive_tok_s']:>14.1f}",
-                  f"{'sampling speed-up (ratio of medians)':<34}{s['speedup']:>14.2f}",
-                  f"{'  (median of per-repeat ratios)':<34}{s['median_speedup_per_repeat']:>14.2f}"]
-    lines += [f"{'log-prob pass (tok/s)':<34}{res['logprob']['tok_s']:>14.1f}",
-              f"{'update (tok/s)':<34}{res['update']['tok_s']:>14.1f}",
-              f"{'bare forward+backward (tok/s)':<34}{res['update']['bare_tok_s']:>14.1f}",
-              f"{'update / bare bound':<34}{res['update']['fraction_of_bound']:>14.2f}",
-              f"{'peak memory (MiB)':<34}{res['memory']['peak_mb']:>14.0f}",
-              f"{'  in sampling / in the update':<34}{sample_peak:>7.0f} /{update_peak:>5.0f}",
-              f"{'floor: weights+grads+AdamW (MiB)':<34}{floor_mb:>14.0f}",
-              f"{'decode step, 1 / 4 / 16 rows (ms)':<34}" + " /".join(f"{v:5.0f}" for v in res["decode_step_ms"].values()),
-              f"{'step: sample + update (s)':<34}{sample_s:>6.1f} +{res['step']['update_s']:>6.1f}"]
+             f"{'measure':<46}{'value':>12}   target",
+             f"{'today fp32 step: sample + update (s)':<46}{b['sample_s']:>5.1f} +{b['update_s']:>5.1f}",
+             f"{'our step (' + prec + '): sample + update (s)':<46}{o['sample_s']:>5.1f} +{o['update_s']:>5.1f}",
+             f"{'step speed-up, today fp32 / ours':<46}{res['step_speedup']:>11.2f}x   >= 3x",
+             f"{'  (median of per-repeat ratios)':<46}{res['step_speedup_per_repeat']:>11.2f}x",
+             f"{'update / bare forward+backward (throughput)':<46}{res['update_vs_bare']['ratio']:>11.2f}x   >= 0.9x"]
+    if trl:
+        lines += [f"{'TRL GRPOTrainer step (s), single turn':<46}{trl['rl_step_s']:>12.1f}",
+                  f"{'our step / TRL step':<46}{res['ours_over_trl']:>11.2f}x   <= 0.25x"]
+    m = res["memory"]
+    lines += [f"{'peak memory: sampling / update (MiB)':<46}{m['sample_peak_mb']:>5.0f} /{m['update_peak_mb']:>5.0f}",
+              f"{'floor: weights, master, grads, AdamW (MiB)':<46}{floor:>12.0f}",
+              f"{'decode step, 1 / 4 / 16 rows (ms)':<46}" + " /".join(f"{v:4.0f}" for v in res["decode_step_ms"].values()),
+              f"{'tokens per step: sampled / whole episodes':<46}{o['sampled_tokens']:>5.0f} /{o['episode_tokens']:>5.0f}"]
+    if args.naive:
+        lines.append(f"{'sampling tok/s: ours / naive':<46}{res['naive_sampler']['ours_tok_s']:>5.1f} /{res['naive_sampler']['tok_s']:>5.1f}")
     print("\n".join(lines))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -11,9 +11,9 @@ Training", 2018; what DeepSpeed's bf16 mode did for the paper's runs).
 
 Why not `torch.autocast`: autocast keeps float32 weights and casts each one to bf16 at
 every call. In the sampler's decode loop (one token per step, weights read every step)
-that re-cast costs more than it saves: measured on a CPU with AMX, a decode step of 16
-rows took 130 ms under autocast, 56 ms with bf16 weights, 103 ms in float32; a
-forward+backward of 8 x 256 tokens 5.0 s, 2.9 s and 8.6 s. A bf16 copy of the weights
+that re-cast costs more than it saves: measured (in an earlier session, on a CPU with
+bf16 instructions) a decode step of 16 rows took 130 ms under autocast, 56 ms with bf16
+weights, 103 ms in float32; a forward+backward of 8 x 256 tokens 5.0 s, 2.9 s and 8.6 s. A bf16 copy of the weights
 is read by every forward (sampling, evaluation, training) at the bf16 price.
 
 Why float32 master weights: AdamW's update at lr 1e-6 is far below bf16's resolution
