@@ -83,14 +83,25 @@ def resolve_model(name: str) -> str:
     return ck if os.path.isdir(ck) else name
 
 
-def print_table(results: dict[str, dict]) -> str:
+def default_fewshot(name: str) -> bool:
+    """The prompt a model is evaluated with unless --fewshot says: a train.py run's own,
+    the demonstration for the embedded model, the paper's prompt otherwise."""
+    cfg = os.path.join(name, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return bool(json.load(f).get("fewshot", False))
+    return name in mtgrpo.EMBEDDED
+
+
+def print_table(results: dict[str, dict], echo: bool = True) -> str:
     cols = ("episodes",) + METRICS
     name_w = max(12, *(len(k) for k in results))
     lines = ["model".ljust(name_w) + "".join(f"{c:>18}" for c in cols)]
     for name, m in results.items():
         lines.append(name.ljust(name_w) + "".join(f"{m[c]:>18.3f}" if c != "episodes" else f"{m[c]:>18d}" for c in cols))
     text = "\n".join(lines)
-    print(text)
+    if echo:
+        print(text)
     return text
 
 
@@ -299,7 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation", choices=tool_env.SPLITS)
     p.add_argument("--limit", type=int, default=64, help="first N questions of the split (0: all)")
     p.add_argument("--samples", type=int, default=1, help="rollouts per question; > 1 samples at T = 0.9")
-    p.add_argument("--fewshot", action="store_true")
+    p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
+                   help="the one-shot demonstration (default: as the runs were trained; on for the embedded model)")
     p.add_argument("--max-turn-tokens", type=int, default=128)
     p.add_argument("--out", default="eval", help="output path prefix")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
@@ -313,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
                    help="weights' dtype for sampling; auto: bf16 where the hardware is fast at it")
     args = p.parse_args(argv)
+    if args.fewshot is None:
+        args.fewshot = all(default_fewshot(m) for m in args.model)
     if args.plot or args.table:
         try:
             if args.plot:

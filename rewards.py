@@ -9,12 +9,29 @@ number. The two sums the algorithm uses are
 
 with the reference's weights (all 1, i.e. maxima 0.2, 0.5 | 1.0, 0.5, 0.2, 0.2);
 `turn_reward` and `outcome_reward` also return every component for logging.
+
+Changes against the reference rewards (PAPER.md), each so that a policy cannot collect
+reward without doing the task, each tested on crafted episodes in test_rewards.py:
+- tool_execution: every failure is an "Error:" result (the reference counted a tool's
+  own error text as a success);
+- search_has_answer: the first *passage* of the first result, whatever `k` the call
+  asked for (with k = 5, "the first result" was five passages);
+- exact_match: TriviaQA's normalization (the reference: lower + strip);
+- contains_answer: whole words, at most 10 words, and not a hedge or a list ("Gitega or
+  Bujumbura", ten candidates: the reference paid for any substring);
+- format: no free "spacing" check; an episode that does not end with an answer (a tool
+  call beyond the limit, a cut-off turn) gets 0 for its last message (the reference
+  scored a well-formed second tool call like an answer, and MT-GRPO learned to loop);
+- xml: a required tag that is missing counts against the message (the reference only
+  scored the tags that were used, so "<answer>x</answer>" alone was perfect).
 """
 
 from __future__ import annotations
 
 import re
 import string
+
+from tool_env import PASSAGE_SEP
 
 # TriviaQA's evaluation treats these quote marks as punctuation too.
 _PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u00b4", "`"}
@@ -107,12 +124,14 @@ def tool_execution_reward(messages: list[dict], weight: float = 0.2) -> float:
 
 
 def search_has_answer_reward(messages: list[dict], aliases: list[str], weight: float = 0.5) -> float:
-    """weight if a gold alias occurs (normalized, whole words) in the first tool
-    result, else 0. An error result earns nothing even if it quotes the answer."""
+    """weight if a gold alias occurs (normalized, whole words) in the first passage of
+    the first tool result, else 0. Only the first passage, whatever `k` the call asked
+    for: otherwise asking for five passages would buy five chances. An error result
+    earns nothing even if it quotes the answer."""
     results = tool_results(messages)
     if not results or results[0].startswith("Error:"):
         return 0.0
-    return weight * _contains(results[0], aliases)
+    return weight * _contains(results[0].split(PASSAGE_SEP)[0], aliases)
 
 
 # ---------------------------------------------------------------------------------
@@ -126,14 +145,27 @@ def exact_match_reward(messages: list[dict], aliases: list[str], weight: float =
     return 0.0 if ans is None else weight * exact_match(ans, aliases)
 
 
+# Separators of a list of candidates. "and" is not one ("Trinidad and Tobago"), nor a
+# comma inside a number ("870,000").
+_LIST_SEP = re.compile(r"(?<!\d),|,(?!\d)|;|/|\n|\bor\b|\bvs\.?\b|\beither\b", re.I)
+
+
+def is_hedge(answer: str) -> bool:
+    """An answer that lists candidates ("Gitega or Bujumbura", "A, B, C")."""
+    return len([p for p in _LIST_SEP.split(answer) if normalize_answer(p)]) > 1
+
+
 def contains_answer_reward(
     messages: list[dict], aliases: list[str], weight: float = 0.5, max_words: int = 10
 ) -> float:
-    """weight if a gold alias occurs in the last <answer> as whole words, and the
-    answer has at most `max_words` words. Fix of the reference's quirk: an answer
-    that pastes a whole passage no longer collects this reward."""
+    """weight if a gold alias occurs in the last <answer> as whole words, the answer
+    has at most `max_words` words, and it is not a hedge or a list (unless it is
+    exactly a gold alias, e.g. "Washington, D.C."). Fixes of the reference's quirk:
+    an answer that pastes a passage, or lists candidates, collects nothing."""
     ans = final_answer(messages)
     if ans is None or len(normalize_answer(ans).split()) > max_words:
+        return 0.0
+    if is_hedge(ans) and not exact_match(ans, aliases):
         return 0.0
     return weight * _contains(ans, aliases)
 
@@ -159,22 +191,31 @@ def _format_score(text: str) -> float:
 
 
 def format_reward(messages: list[dict], weight: float = 0.2) -> float:
-    """weight x the mean over assistant messages of `_format_score`.
-    Fix of the reference's quirk: its "spacing" check was always awarded; every
-    check here can fail."""
+    """weight x the mean over assistant messages of `_format_score`, where the last
+    message scores 0 unless it gives an <answer>: an episode that ends on a tool call
+    beyond the limit, or is cut off, did not finish the task. (The reference scored a
+    well-formed second tool call as fully as an answer, so a policy that looped on
+    the tool lost nothing; its "spacing" check was also always awarded.)"""
     texts = assistant_messages(_episode(messages))
     if not texts:
         return 0.0
-    return weight * sum(map(_format_score, texts)) / len(texts)
+    scores = [_format_score(t) for t in texts]
+    if not re.search(r"<answer>.*?</answer>", texts[-1], re.S):
+        scores[-1] = 0.0
+    return weight * sum(scores) / len(scores)
 
 
 def _xml_score(text: str) -> float:
-    """Per tag used in the message (reasoning, tool, answer): 0.5 for opening
-    exactly once, 0.5 for closing exactly once; mean over the used tags, 0 if none."""
+    """Per tag: 0.5 for opening exactly once, 0.5 for closing exactly once; mean over
+    the tags used in the message and the required ones: <reasoning>, and <tool> or
+    <answer> (<answer> if neither is used). A required tag that is missing scores 0,
+    so "<answer>x</answer>" alone gets 0.5, not 1."""
     used = [t for t in TAGS if f"<{t}>" in text or f"</{t}>" in text]
     if not used:
         return 0.0
-    return sum(0.5 * (text.count(f"<{t}>") == 1) + 0.5 * (text.count(f"</{t}>") == 1) for t in used) / len(used)
+    required = {"reasoning", "tool" if "tool" in used else "answer"}
+    tags = [t for t in TAGS if t in used or t in required]
+    return sum(0.5 * (text.count(f"<{t}>") == 1) + 0.5 * (text.count(f"</{t}>") == 1) for t in tags) / len(tags)
 
 
 def xml_reward(messages: list[dict], weight: float = 0.2) -> float:

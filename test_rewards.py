@@ -155,3 +155,57 @@ def test_weights():
     assert rt == pytest.approx(0.2 + 1.0)
     ro, _ = outcome_reward(msgs, ALIASES, weights={"format": 0.0, "xml": 0.0, "contains_answer": 0.0})
     assert ro == 1.0
+
+
+def test_search_has_answer_reads_the_first_passage_only():
+    two = "<result>\nEgypt - Geography - Coastline\n2,450 km\n\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n</result>"
+    assert search_has_answer_reward(episode(CALL, two, answer("x")), ALIASES) == 0.0  # in the second passage: no
+    first = "<result>\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n\nEgypt - Geography - Coastline\n2,450 km\n</result>"
+    assert search_has_answer_reward(episode(CALL, first, answer("x")), ALIASES) == 0.5
+
+
+def test_search_results_keep_passages_apart():
+    from tool_env import PASSAGE_SEP, SearchIndex
+
+    index = SearchIndex([{"title": "A", "text": "alpha beta\n\n\ngamma"}, {"title": "B", "text": "beta delta"}])
+    out = index.search("beta", k=2)
+    assert out.count(PASSAGE_SEP) == 1  # the blank lines inside passage A were collapsed
+    assert sorted(p.split("\n")[0] for p in out.split(PASSAGE_SEP)) == ["A", "B"]
+
+
+@pytest.mark.parametrize("ans, aliases, expected", [
+    ("Gitega", ["Gitega"], 0.5),
+    ("Gitega or Bujumbura", ["Gitega"], 0.0),  # a hedge
+    ("Cairo, Giza, Alexandria", ["Cairo"], 0.0),  # a list
+    ("Cairo / Giza", ["Cairo"], 0.0),
+    ("either Cairo", ["Cairo"], 0.5),  # one candidate: "either" alone splits off nothing
+    ("Washington, D.C.", ["Washington, D.C."], 0.5),  # an exact alias with a comma is not a list
+    ("Port of Spain, Trinidad and Tobago", ["Port of Spain"], 0.0),
+    ("the capital is Port of Spain", ["Port of Spain"], 0.5),
+    ("Trinidad and Tobago", ["Trinidad and Tobago"], 0.5),  # "and" is not a list separator
+    ("The population is 870,000 Libreville.", ["Libreville"], 0.5),  # nor a comma inside a number
+    ("870, Libreville", ["Libreville"], 0.0),
+])
+def test_contains_answer_pays_nothing_for_hedges_and_lists(ans, aliases, expected):
+    assert contains_answer_reward(episode(answer(ans)), aliases) == expected
+
+
+def test_ending_on_a_second_tool_call_scores_below_answering():
+    loop = episode(CALL, GOOD_RESULT, CALL)  # the second call is not executed: the episode ends
+    wrong = episode(CALL, GOOD_RESULT, answer("Mount Sinai"))
+    ro_loop, parts_loop = outcome_reward(loop, ALIASES)
+    ro_wrong, parts_wrong = outcome_reward(wrong, ALIASES)
+    # format: the last message did not answer -> (1 + 0) / 2 x 0.2; xml is right in both messages
+    assert parts_loop["format"] == pytest.approx(0.1) and parts_loop["xml"] == pytest.approx(0.2)
+    assert ro_loop == pytest.approx(0.3) and ro_wrong == pytest.approx(0.4)
+    # a turn cut off by the budget did not answer either
+    cut = episode(CALL, GOOD_RESULT, "<reasoning>the result says")
+    assert format_reward(cut) == pytest.approx(0.2 * (1 + 0) / 2)
+
+
+def test_xml_counts_missing_required_tags():
+    assert _xml_score("<answer>x</answer>") == pytest.approx(0.5)  # reasoning missing
+    assert _xml_score('<tool>{"name": "wiki_search"}</tool>') == pytest.approx(0.5)
+    assert _xml_score("<reasoning>r</reasoning>") == pytest.approx(0.5)  # no action: answer missing
+    assert _xml_score("<reasoning>r</reasoning><tool>{}</tool><answer>x</answer>") == 1.0  # all used once
+    assert _xml_score(answer("x")) == 1.0

@@ -37,6 +37,7 @@ from typing import Callable
 TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_QUERY_CHARS = 1000  # longer "queries" are pasted text, not searches
 SEARCH_MAX_CHARS = 600  # the reference returned whole articles; one result could fill the budget
+PASSAGE_SEP = "\n\n"  # between the passages of one search result; never inside one (SearchIndex.format)
 
 
 # ----------------------------------------------------------------------------------
@@ -86,14 +87,16 @@ class SearchIndex:
         return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
 
     def format(self, i: int) -> str:
+        """Title and text, cut to max_chars, with blank lines collapsed (a blank line
+        separates passages in a result, and the rewards read the first passage)."""
         p = self.passages[i]
-        text = f"{p['title']}\n{p['text']}"
+        text = re.sub(r"\n\s*\n", "\n", f"{p['title']}\n{p['text']}")
         if len(text) > self.max_chars:
             text = text[: self.max_chars].rsplit(" ", 1)[0] + " ..."
         return text
 
     def search(self, query: str, k: int = 1) -> str:
-        return "\n\n".join(self.format(i) for i in self.retrieve(query, k))
+        return PASSAGE_SEP.join(self.format(i) for i in self.retrieve(query, k))
 
 
 def make_wiki_search(index: SearchIndex) -> Callable[..., str]:
@@ -332,7 +335,7 @@ def env_step(
 # Data: the embedded Factbook task and TriviaQA
 
 CACHE_DIR = Path(os.environ.get("MTGRPO_CACHE", Path.home() / ".cache" / "mtgrpo"))
-FACTBOOK_VERSION = 1  # bump when the builder changes, so caches are rebuilt
+FACTBOOK_VERSION = 2  # bump when the builder changes, so caches are rebuilt
 SPLITS = ("train", "validation", "test")
 
 
@@ -383,20 +386,29 @@ def _text(node, *path):
 
 
 def _aliases(*names: str) -> list[str]:
+    """Distinct aliases, quotes and trailing punctuation stripped; 'Lefkosia/Lefkosa'
+    gives both spellings."""
     out = []
-    for n in names:
-        n = n.strip(" .,;\"'")
-        if n and n not in out:
-            out.append(n)
+    for name in names:
+        for n in name.split("/"):
+            n = n.strip(" .,;\"'“”‘’")
+            if n and n not in out:
+                out.append(n)
     return out
 
 
 def _split_paren(s: str) -> tuple[str, list[str]]:
-    """'Baku (Baki, Baky)' -> ('Baku', ['Baki', 'Baky'])."""
+    """'Baku (Baki, Baky)' -> ('Baku', ['Baki', 'Baky']). Notes in the parentheses
+    ('on Viti Levu', 'located on Tahiti', 'Kiev is the transliteration ...', 'city')
+    are not other names of the answer: dropped."""
     m = re.match(r"^(.*?)\s*\(([^()]*)\)\s*$", s)
     if not m:
         return s.strip(), []
-    return m.group(1).strip(), [x.strip() for x in re.split(r",| or ", m.group(2)) if x.strip()]
+    alts = [x.strip() for x in re.split(r",| or ", m.group(2)) if x.strip()]
+    return m.group(1).strip(), [a for a in alts if not _PAREN_NOTE.search(a)]
+
+
+_PAREN_NOTE = re.compile(r"^(on|located|aka|base|city)\b|^\w+ for\b|\bcapital\b|\bis the\b|\bin (Russian|Romanian)\b", re.I)
 
 
 def _short(s: str | None, max_words: int = 5) -> bool:
@@ -411,11 +423,27 @@ def _mount_aliases(name: str) -> list[str]:
     return out
 
 
+# currency plurals that are not "singular + s" (the field names every currency in the plural)
+_IRREGULAR_PLURALS = {"kroner": "krone", "kronor": "krona", "kronur": "krona", "lei": "leu", "leva": "lev",
+                      "zlotych": "zloty", "koruny": "koruna", "maloti": "loti", "leke": "lek",
+                      "meticais": "metical", "quetzales": "quetzal", "colones": "colon",
+                      "emalangeni": "lilangeni", "soles": "sol"}
+
+
+def _singular(word: str) -> str:
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    if re.search(r"[a-z]s$", word) and not word.endswith("ss"):  # "pounds", "rubles", "togrog/tugriks"
+        return word[:-1]
+    return word  # "rand", "yen", "won", "Islands"
+
+
 def _factbook_questions(country: str, d: dict) -> list[dict]:
     """Question templates over fields whose answers are short named entities.
     Dropped after inspection: highest court (almost always "Supreme Court"),
     national holiday (mostly "Independence Day"), lowest points at sea level
-    (an ocean shared by many countries), numeric fields."""
+    (an ocean shared by many countries), national symbols (open-ended: "golden eagle"
+    for Egypt is right but was not among the aliases), numeric fields."""
     qs = []
 
     def add(kind, question, value, aliases, section, field):
@@ -423,8 +451,12 @@ def _factbook_questions(country: str, d: dict) -> list[dict]:
                        source=f"{country} - {section} - {field}"))
 
     cap = _text(d, "Government", "Capital", "name")
-    if cap and _short(cap.split("(")[0]):
-        name, alts = _split_paren(cap)
+    cap = re.sub(r";\s*note\b.*$", "", cap or "")
+    # several capitals ("Gitega (political capital), Bujumbura (commercial capital)";
+    # "La Paz (administrative capital); Sucre (...)"): the question has no single answer
+    several = re.search(r"\),|;|\bcapital\)", cap)
+    if cap and not several and _short(cap.split("(")[0]):
+        name, alts = _split_paren(re.sub(r" in Romanian\b", "", cap))
         if _short(name, 4) and all(_short(a, 4) for a in alts):
             add("capital", f"What is the capital of {country}?", name, _aliases(name, *alts),
                 "Government", "Capital")
@@ -450,14 +482,6 @@ def _factbook_questions(country: str, d: dict) -> list[dict]:
         add("anthem", f"What is the name of the national anthem of {country}?", m.group(1),
             _aliases(m.group(1), *alts), "Government", "National anthem(s)")
 
-    t = _text(d, "Government", "National symbol(s)")
-    if t:
-        items = [re.sub(r"\s*\([^)]*\)", "", x).strip() for x in re.split(r",|;", t)]
-        items = [x for x in items if _short(x, 4) and len(x.split()) >= 2]  # "lion" is a guess, not a fact
-        if items:
-            add("symbol", f"Name a national symbol of {country}.", items[0], _aliases(*items),
-                "Government", "National symbol(s)")
-
     t = _text(d, "People and Society", "Major urban areas - population")
     if t:
         m = re.match(r"^[\d.,]+\s*(?:million)?\s+([^,(]+?)\s*(\(capital\))?\s*(?:[,(]|$)", t)
@@ -478,10 +502,11 @@ def _factbook_questions(country: str, d: dict) -> list[dict]:
     t = _text(d, "Economy", "Exchange rates", "Currency")
     m = re.match(r"^(.+?)\s*\(([A-Z]{3})\)\s*per US dollar", t or "")
     if m and _short(m.group(1), 4):
-        plural = m.group(1)
-        singular = re.sub(r"s$", "", plural)
+        plural = m.group(1)  # the field names the plural: "Kenyan shillings", "Danish kroner"
+        singular = " ".join(plural.split()[:-1] + [_singular(plural.split()[-1])])
+        unit = singular.split()[-1]  # "shilling": dropped later if many countries share it
         add("currency", f"What is the currency of {country}?", singular,
-            _aliases(singular, plural, m.group(2)), "Economy", "Exchange rates")
+            _aliases(singular, plural, unit, m.group(2)), "Economy", "Exchange rates")
 
     t = _text(d, "Government", "Country name", "local short form")
     if t and _short(t, 4) and t.lower() != country.lower() and not re.search(r"[/()]", t):
@@ -490,11 +515,32 @@ def _factbook_questions(country: str, d: dict) -> list[dict]:
     return qs
 
 
+# aliases that name the kind of thing asked for, not the thing ("Assembly" for the
+# legislature of Kosovo, "Hymn" for the anthem of Hungary)
+GENERIC_ALIASES = {"legislature", "assembly", "parliament", "congress", "council", "senate", "anthem",
+                   "national anthem", "hymn", "city", "capital", "commercial capital", "political capital"}
+
+
+def _guessable(alias: str, question: str) -> bool:
+    """A generic word, or words the question already contains ("Djibouti" for the
+    capital of Djibouti, "National Anthem of Spain"): scores without a search."""
+    from rewards import normalize_answer
+
+    return normalize_answer(alias) in GENERIC_ALIASES or _in_question(alias, question)
+
+
+def _in_question(alias: str, question: str) -> bool:
+    from rewards import normalize_answer
+
+    return f" {normalize_answer(alias)} " in f" {normalize_answer(question)} "
+
+
 def _drop_ambiguous(questions: list[dict], passages: list[dict], max_share: int = 3) -> list[dict]:
     """Remove aliases that answer the same template for more than `max_share`
-    countries ("euro", "National Assembly", "God Save the King": guessable without a
-    search), and questions left without an alias or whose answer is not in the
-    source passage (so every gold answer can be found by searching)."""
+    countries ("euro", "National Assembly", "God Save the King") or that can be guessed
+    from the question (`_guessable`); then questions whose main answer is in the
+    question, left without an alias, or whose answer is not in the source passage (so every gold
+    answer can be found by searching)."""
     from collections import Counter
 
     from rewards import normalize_answer
@@ -503,7 +549,10 @@ def _drop_ambiguous(questions: list[dict], passages: list[dict], max_share: int 
     text = {p["title"]: " " + normalize_answer(p["text"]) + " " for p in passages}
     kept = []
     for q in questions:
-        aliases = [a for a in q["aliases"] if share[q["kind"], normalize_answer(a)] <= max_share]
+        if _in_question(q["value"], q["question"]):  # the capital of Djibouti
+            continue
+        aliases = [a for a in q["aliases"]
+                   if share[q["kind"], normalize_answer(a)] <= max_share and not _guessable(a, q["question"])]
         found = any(f" {normalize_answer(a)} " in text[q["source"]] for a in aliases)
         generic = re.search(r"\bunnamed\b|\bnational anthem\b", q["value"], re.I)
         if aliases and found and not generic:

@@ -63,13 +63,15 @@ def parse_args(argv=None):
     a("--max-turn-tokens", type=int, default=128)
     a("--max-tool-calls", type=int, default=1)
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
-    a("--fewshot", action="store_true", help="put a one-shot tool-use demonstration before the question")
+    a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
+      help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
+           "which never calls the tool without it; off for other models: the paper's prompt)")
     a("--micro-batch-tokens", type=int, default=512, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")
     a("--eval-every", type=int, default=0, help="greedy evaluation before training and every N steps (0: never)")
     a("--eval-split", default="validation", choices=tool_env.SPLITS, help="tune on validation; report on test")
-    a("--eval-questions", type=int, default=32, help="N questions of --eval-split, spread evenly over it")
+    a("--eval-questions", type=int, default=32, help="N questions of --eval-split, spread evenly over it (0: all)")
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     a("--device", default=None)
@@ -77,9 +79,13 @@ def parse_args(argv=None):
       help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
     a("--tis-cap", type=float, default=2.0, help="cap C of the truncated importance-sampling weight (0: off)")
     args = p.parse_args(argv)
+    if args.fewshot is None:
+        args.fewshot = args.model in mtgrpo.EMBEDDED
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eval_questions < 0 or args.eval_every < 0:
+        p.error("--eval-questions and --eval-every must be 0 or more")
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages are relative to the group")
     if args.lr <= 0 or args.temperature < 0 or args.eps <= 0 or args.beta < 0:
@@ -329,7 +335,7 @@ def main(argv=None) -> int:
         import evaluate
 
         held_out = tool_env.load_task(args.task, args.eval_split)
-        eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions)]
+        eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions or len(held_out))]
 
     def run_eval(step: int) -> dict:
         """Greedy rollouts on the held-out questions; the metrics (eval_*) go to the log,
@@ -369,15 +375,30 @@ def main(argv=None) -> int:
         t3 = time.time()
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
-        if eval_rows and (step + 1) % args.eval_every == 0:
-            rec.update(run_eval(step + 1))
+        if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            rec.update(run_eval(step + 1))  # the final model is always evaluated
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, generator, step + 1, args)
     print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
+    if eval_rows:
+        print(before_after(log_path, args))
     return 0
+
+
+def before_after(log_path: str, args) -> str:
+    """The held-out evaluation before training and at the last step, side by side."""
+    import evaluate
+
+    with open(log_path) as f:
+        evals = [r for r in map(json.loads, f) if "eval_exact_match" in r]
+    first, last = evals[0], evals[-1]
+    rows = {f"step {r['step']}": {"episodes": r["eval_episodes"], **{k: r[f"eval_{k}"] for k in evaluate.METRICS}}
+            for r in (first, last)}
+    head = f"held-out evaluation ({args.eval_split}, {first['eval_episodes']} questions, greedy): before and after training"
+    return head + "\n" + evaluate.print_table(rows, echo=False)
 
 
 def _truncate_log(path, step):

@@ -1,0 +1,43 @@
+"""MT-GRPO vs GRPO-OR vs GRPO-MR (README "Results"): 3 methods x seeds 0, 1, 2.
+
+One train.py command per run (`--print` lists them); the three methods share every
+setting but --method, and run with the same seeds. The configuration comes from the
+validation sweep (configs/sweep.py); evaluation is greedy on the whole TEST split
+before training, midway and at the end. Runs take hours on a 2-core CPU: this driver
+starts what is missing and resumes what is unfinished, so run it again after a kill
+or in a later sitting; two runs go side by side with one thread each. Each run's log,
+config and evaluations are copied to results/runs/ as they grow; `make results` then
+rebuilds the table (results/compare.md) and the plot (results/compare.png).
+
+    python configs/compare.py              # all 9 runs, 2 at a time
+    python configs/compare.py --print      # the commands
+"""
+
+import argparse
+import sys
+
+from queue_runs import run_all
+from sweep import BASE
+
+METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
+SEEDS = (0, 1, 2)
+STEPS = 60
+COMMON = BASE + ["--steps", str(STEPS), "--eval-every", str(STEPS // 2), "--eval-split", "test",
+                 "--eval-questions", "0", "--save-every", "5"]
+
+
+def jobs() -> list[tuple[str, list[str]]]:
+    # seeds in the outer loop: the comparison of a seed is complete before the next starts
+    return [(f"{m}-s{s}", COMMON + ["--method", m, "--seed", str(s), "--output-dir", f"runs/compare/{m}-s{s}"])
+            for s in SEEDS for m in METHODS]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
+    p.add_argument("--parallel", type=int, default=2)
+    a = p.parse_args()
+    if a.print:
+        print("\n".join("python train.py " + " ".join(args) for _, args in jobs()))
+        sys.exit(0)
+    sys.exit(run_all(jobs(), a.parallel, "results/runs"))

@@ -1,0 +1,91 @@
+"""Run a list of train.py commands to the end, across sittings.
+
+Each job is (name, train.py arguments). Run again after a kill or in a later sitting:
+a finished run (its log reaches --steps with the final evaluation) is skipped, a run
+with a checkpoint is resumed (--resume), a run killed before its first checkpoint is
+started again. `parallel` runs go side by side with one thread each (on 2 cores two
+one-thread runs do more than one two-thread run). While they run, and when each ends,
+the run's log.jsonl, config.json and evals/ are copied to RESULTS/NAME/, so the
+results can be committed as they grow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flag(args: list[str], name: str, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+
+def finished(out_dir: str, steps: int) -> bool:
+    """The log reaches `steps` and that line holds the final evaluation."""
+    try:
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            last = [json.loads(line) for line in f if line.strip()][-1]
+    except (OSError, IndexError, json.JSONDecodeError):
+        return False
+    return last.get("step") == steps and "eval_exact_match" in last
+
+
+def copy_results(out_dir: str, dest: str) -> None:
+    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        return
+    os.makedirs(dest, exist_ok=True)
+    for name in ("log.jsonl", "config.json"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            shutil.copy2(os.path.join(out_dir, name), os.path.join(dest, name))
+    if os.path.isdir(os.path.join(out_dir, "evals")):
+        shutil.copytree(os.path.join(out_dir, "evals"), os.path.join(dest, "evals"), dirs_exist_ok=True)
+
+
+def start(args: list[str]) -> subprocess.Popen | None:
+    out_dir = flag(args, "--output-dir")
+    steps = int(flag(args, "--steps"))
+    if finished(out_dir, steps):
+        return None
+    if os.path.exists(os.path.join(out_dir, "checkpoint", "trainer_state.pt")):
+        args = args + ["--resume"]
+    elif os.path.exists(out_dir):
+        shutil.rmtree(out_dir)  # killed before its first checkpoint: nothing to resume
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    log = open(out_dir.rstrip("/") + ".out", "a")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    print(f"start: {' '.join(args)}", flush=True)
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_all(jobs: list[tuple[str, list[str]]], parallel: int, results: str, copy_every: float = 600) -> int:
+    """Run the jobs, `parallel` at a time; returns the number that failed."""
+    os.chdir(ROOT)
+    todo, running, failed = list(jobs), {}, 0
+    last_copy = time.time()
+    while todo or running:
+        while todo and len(running) < parallel:
+            name, args = todo.pop(0)
+            proc = start(args)
+            if proc is None:
+                print(f"done already: {name}", flush=True)
+                copy_results(flag(args, "--output-dir"), os.path.join(results, name))
+            else:
+                running[name] = (proc, args)
+        time.sleep(5)
+        for name, (proc, args) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                copy_results(flag(args, "--output-dir"), os.path.join(results, name))
+                status = "finished" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                failed += proc.returncode != 0
+                print(f"{status}: {name}", flush=True)
+        if time.time() - last_copy > copy_every:
+            for name, (_, args) in running.items():
+                copy_results(flag(args, "--output-dir"), os.path.join(results, name))
+            last_copy = time.time()
+    return failed

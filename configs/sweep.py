@@ -1,0 +1,41 @@
+"""Validation sweep that chose the comparison's configuration (README "Results").
+
+Each run is MT-GRPO from the embedded model with the few-shot prompt, evaluated
+greedily on the whole VALIDATION split (never test) before training and every 10
+steps. Swept: the learning rate (1e-5, 3e-5, 1e-4) and the sampling temperature
+(0.6, 0.9); the rest is BASE. Resumable like configs/compare.py:
+
+    python configs/sweep.py              # all runs, 2 at a time
+    python configs/sweep.py --print      # the commands
+"""
+
+import argparse
+import sys
+
+from queue_runs import run_all
+
+# What every run of the sweep and of the comparison shares (the comparison adds
+# --steps, --seed, --method and test-split evaluation).
+BASE = ["--group-size", "8", "--questions-per-step", "4", "--lr", "3e-5", "--temperature", "0.9",
+        "--max-turn-tokens", "64", "--mu", "2", "--fewshot"]
+STEPS = 30
+GRID = [("lr1e-5-t0.9", ["--lr", "1e-5"]), ("lr3e-5-t0.9", []), ("lr1e-4-t0.9", ["--lr", "1e-4"]),
+        ("lr3e-5-t0.6", ["--temperature", "0.6"])]
+
+
+def jobs() -> list[tuple[str, list[str]]]:
+    common = BASE + ["--steps", str(STEPS), "--eval-every", "10", "--eval-split", "validation",
+                     "--eval-questions", "0", "--save-every", "5", "--seed", "0"]
+    # later flags win in argparse: the grid's values override BASE's
+    return [(name, common + extra + ["--output-dir", f"runs/sweep/{name}"]) for name, extra in GRID]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
+    p.add_argument("--parallel", type=int, default=2)
+    a = p.parse_args()
+    if a.print:
+        print("\n".join("python train.py " + " ".join(args) for _, args in jobs()))
+        sys.exit(0)
+    sys.exit(run_all(jobs(), a.parallel, "results/sweep"))
