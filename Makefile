@@ -37,6 +37,8 @@ bench-trl: $(STAMP)
 	$(PY) bench.py
 
 # README "Results": the table (results/compare.md) and the plot (results/compare.png),
-# regenerated from the committed logs of configs/compare.sh's runs
+# regenerated from the committed logs of configs/compare.py's runs
+RUNS := $(wildcard results/runs/*-s*)
 results: $(STAMP)
-	$(PY) evaluate.py --table results/runs/*-s* --plot results/runs/*-s* --out results/compare
+	@test -n "$(RUNS)" || { echo "error: no runs in results/runs/ (python configs/compare.py makes them)"; exit 1; }
+	$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare

@@ -39,8 +39,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import mtgrpo
 import precision
+import sampler
 import tool_env
 import train
 
@@ -57,14 +59,14 @@ def naive_sample(model, tok, rows, tools, G, max_turn_tokens, temperature, top_k
         enc = {k: v.to(model.device) for k, v in enc.items()}
         out = model.generate(**enc, max_new_tokens=max_turn_tokens, do_sample=temperature > 0,
                              temperature=temperature or None, top_k=top_k or None, top_p=1.0,
-                             stop_strings=list(mtgrpo.STOP_STRINGS), tokenizer=tok, pad_token_id=eos)
+                             stop_strings=list(sampler.STOP_STRINGS), tokenizer=tok, pad_token_id=eos)
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         still = []
         for r, i in enumerate(active):
             ids = new[r]
             n = ids.index(eos) if eos in ids else len(ids)  # pad == eos: count up to the first
             text = tok.decode(ids[:n])
-            hit_stop = any(s in text for s in mtgrpo.STOP_STRINGS)
+            hit_stop = any(s in text for s in sampler.STOP_STRINGS)
             sampled += n + (0 if hit_stop or n == len(ids) else 1)
             convs[i].append({"role": "assistant", "content": text})
             step = tool_env.env_step(convs[i], tools, max_tool_calls, truncated=n == len(ids) and not hit_stop)
@@ -122,7 +124,7 @@ def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> floa
     ids = torch.randint(100, 1000, (rows, context), device=device)
     times = []
     with torch.inference_mode():
-        cache = mtgrpo._growing_cache()
+        cache = sampler._growing_cache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(steps):
@@ -132,23 +134,23 @@ def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> floa
     return statistics.median(times)
 
 
-def rl_step(model, master, tok, rows, tools, G, turn_tokens, seed, shared_prefix, device, targs):
+def rl_step(model, master, tok, rows, tools, G, turn_tokens, seed, shared_prefix, device, ucfg):
     """One RL step as train.py takes it (sample, then mu optimizer steps), with random
     advantages so that every episode is trained whatever the rewards. lr is 0, so the
     weights (and the next repetition's rollouts) do not change. Returns the episodes,
     the phase times and the phase peaks."""
     reset_peak_memory(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    t_sample, eps = timed(lambda: mtgrpo.sample_episodes(model, tok, rows, tools, G, turn_tokens, T, K,
-                                                         fewshot=True, generator=gen))
+    cfg = sampler.RolloutConfig(max_turn_tokens=turn_tokens, temperature=T, top_k=K, fewshot=True)
+    t_sample, eps = timed(lambda: sampler.sample_episodes(model, tok, rows, tools, G, cfg, generator=gen))
     peak_sample = peak_memory_mb(device)
     g = torch.Generator().manual_seed(seed)
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in eps]
     opt = train.make_optimizer(master.params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     reset_peak_memory(device)
-    t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, targs, tok.pad_token_id,
-                                               shared_prefix=shared_prefix))
+    t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, ucfg, cfg,
+                                               tok.pad_token_id, shared_prefix=shared_prefix))
     peak_update = peak_memory_mb(device)
     del opt, sched
     return eps, advs, {"sample_s": t_sample, "update_s": t_update, "step_s": t_sample + t_update,
@@ -198,11 +200,11 @@ def main(argv=None) -> int:
     device = args.device or mtgrpo.default_device()
     prec = precision.resolve(args.precision, device)
     torch.manual_seed(0)
-    ds = tool_env.load_task("factbook", "train")
+    ds = data.load_task("factbook", "train")
     rows = [ds[i] for i in range(args.questions)]
-    tools = tool_env.make_tools(tool_env.load_corpus("factbook"))
+    tools = tool_env.make_tools(data.load_corpus("factbook"))
     G, L = args.group_size, args.max_turn_tokens
-    targs = train.parse_args(["--mu", str(args.mu), "--max-turn-tokens", str(L), "--temperature", str(T)])
+    ucfg = train.UpdateConfig(mu=args.mu)
     base_model, tok = mtgrpo.load_model(args.model, device)
     base = precision.MasterWeights(base_model, "fp32")
     ours_model = base_model if prec == "fp32" else mtgrpo.load_model(args.model, device)[0]
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
            "config": {"model": args.model, "questions": args.questions, "G": G, "max_turn_tokens": L, "mu": args.mu,
                       "fewshot": True, "temperature": T, "top_k": K, "repeats": args.repeats, "precision": prec,
-                      "micro_batch_tokens": targs.micro_batch_tokens}}
+                      "micro_batch_tokens": ucfg.micro_batch_tokens}}
 
     # --- whole RL steps: today's (float32, every episode forwarded whole) and ours
     # (default precision, each prompt forwarded once per group), alternating per
@@ -219,9 +221,9 @@ def main(argv=None) -> int:
     # in float32. lr = 0 keeps the weights, so every repetition samples the same policy.
     runs = {"today_fp32": [], "ours": []}
     for rep in range(args.repeats):
-        _, _, r = rl_step(base_model, base, tok, rows, tools, G, L, rep, False, device, targs)
+        _, _, r = rl_step(base_model, base, tok, rows, tools, G, L, rep, False, device, ucfg)
         runs["today_fp32"].append(r)
-        eps, advs, r = rl_step(ours_model, ours, tok, rows, tools, G, L, rep, True, device, targs)
+        eps, advs, r = rl_step(ours_model, ours, tok, rows, tools, G, L, rep, True, device, ucfg)
         runs["ours"].append(r)
         print(f"rep {rep}: today's fp32 step {runs['today_fp32'][-1]['step_s']:.1f} s "
               f"(sample {runs['today_fp32'][-1]['sample_s']:.1f} + update {runs['today_fp32'][-1]['update_s']:.1f}), "
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
 
     # --- our update against a bare forward+backward (cross-entropy over whole sequences,
     # in our precision) on the same tokens: one optimizer iteration's worth
-    groups = mtgrpo.micro_batches([len(e.token_ids) for e in eps], targs.micro_batch_tokens)
+    groups = mtgrpo.micro_batches([len(e.token_ids) for e in eps], ucfg.micro_batch_tokens)
     batches = [mtgrpo.collate([eps[i] for i in grp], [advs[i] for i in grp], tok.pad_token_id, device) for grp in groups]
 
     def bare():

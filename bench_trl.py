@@ -40,10 +40,11 @@ def main(argv=None) -> int:
 
     import mtgrpo
     import tool_env
+    from data import load_corpus, load_task
 
     path = mtgrpo._embedded_path("smollm2-135m")
-    tools = tool_env.make_tools(tool_env.load_corpus("factbook"))
-    rows = tool_env.load_task("factbook", "train")
+    tools = tool_env.make_tools(load_corpus("factbook"))
+    rows = load_task("factbook", "train")
     prompts = [tool_env.initial_messages(rows[i]["question"], tools, fewshot=True) for i in range(args.questions)]
     steps = args.mu * (1 + args.repeats)
     data = Dataset.from_list([{"prompt": prompts[j % len(prompts)]} for j in range(args.questions * (1 + args.repeats))])

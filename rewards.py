@@ -1,16 +1,17 @@
-"""Turn-level (R^T) and outcome (R^O) rewards of MT-GRPO (PAPER.md, "Rewards").
+"""Turn-level (R^T) and outcome (R^O) rewards of MT-GRPO (docs/paper.md §3).
 
 Every function here is pure: it reads an episode's messages (the chat as a list of
-{"role", "content"} dicts, as built by tool_env) and the gold aliases, and returns a
-number. The two sums the algorithm uses are
+{"role", "content"} dicts, as built by tool_env, read with tool_env's episode readers)
+and the gold aliases, and returns a score in [0, 1]. The two sums the algorithm uses
+weight them once, with the reference's weights (TURN_WEIGHTS, OUTCOME_WEIGHTS):
 
-    R^T = tool_execution + search_has_answer                      (about turn 1)
-    R^O = exact_match + contains_answer + format + xml            (about the outcome)
+    R^T = 0.2 tool_execution + 0.5 search_has_answer                        (about turn 1)
+    R^O = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml      (about the outcome)
 
-with the reference's weights (all 1, i.e. maxima 0.2, 0.5 | 1.0, 0.5, 0.2, 0.2);
-`turn_reward` and `outcome_reward` also return every component for logging.
+`turn_reward` and `outcome_reward` also return every component's score, unweighted, for
+logging (so a logged search_has_answer is a rate, in training as in evaluation).
 
-Changes against the reference rewards (PAPER.md), each so that a policy cannot collect
+Changes against the reference rewards (docs/paper.md §5), each so that a policy cannot collect
 reward without doing the task, each tested on crafted episodes in test_rewards.py:
 - tool_execution: every failure is an "Error:" result (the reference counted a tool's
   own error text as a success);
@@ -31,14 +32,24 @@ from __future__ import annotations
 import re
 import string
 
-from tool_env import PASSAGE_SEP
+from tool_env import (
+    ERROR_PREFIX,
+    PASSAGE_SEP,
+    RESULT_CLOSE,
+    RESULT_OPEN,
+    assistant_messages,
+    episode_messages,
+    final_answer,
+    tool_results,
+)
 
 # TriviaQA's evaluation treats these quote marks as punctuation too.
 _PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u00b4", "`"}
 TAGS = ("reasoning", "tool", "answer")
 
-TURN_WEIGHTS = {"tool_execution": 1.0, "search_has_answer": 1.0}
-OUTCOME_WEIGHTS = {"exact_match": 1.0, "contains_answer": 1.0, "format": 1.0, "xml": 1.0}
+# The only weight layer (docs/paper.md §3): R^T and R^O are these weighted sums.
+TURN_WEIGHTS = {"tool_execution": 0.2, "search_has_answer": 0.5}
+OUTCOME_WEIGHTS = {"exact_match": 1.0, "contains_answer": 0.5, "format": 0.2, "xml": 0.2}
 
 
 def normalize_answer(s: str) -> str:
@@ -58,57 +69,18 @@ def exact_match(prediction: str, aliases: list[str]) -> float:
     return float(any(p == normalize_answer(a) for a in aliases if normalize_answer(a)))
 
 
-def _contains(haystack: str, aliases: list[str]) -> bool:
+def contains_alias(haystack: str, aliases: list[str]) -> bool:
     """A normalized alias occurs in the normalized text as whole words."""
     h = f" {normalize_answer(haystack)} "
     return any(f" {a} " in h for a in map(normalize_answer, aliases) if a)
 
 
 # ---------------------------------------------------------------------------------
-# Reading an episode
-
-
-def assistant_messages(messages: list[dict]) -> list[str]:
-    return [m["content"] for m in messages if m["role"] == "assistant"]
-
-
-def tool_results(messages: list[dict]) -> list[str]:
-    """Texts of the environment's <result> messages, in order. Only the first
-    assistant turn's result counts as "the" search result, but all are returned.
-    The few-shot demonstration, if any, comes before the first "Question:" message
-    and is skipped."""
-    out = []
-    for m in _episode(messages):
-        c = m["content"]
-        if m["role"] == "user" and c.startswith("<result>"):
-            out.append(c[len("<result>") :].removesuffix("</result>").strip())
-    return out
-
-
-def _episode(messages: list[dict]) -> list[dict]:
-    """The messages from the last "Question:" user message on (skips a few-shot demo)."""
-    start = 0
-    for i, m in enumerate(messages):
-        if m["role"] == "user" and m["content"].startswith("Question:"):
-            start = i
-    return messages[start:]
-
-
-def final_answer(messages: list[dict]) -> str | None:
-    """The content of the last <answer>...</answer> of the episode, or None."""
-    for text in reversed(assistant_messages(_episode(messages))):
-        found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
-        if found:
-            return found[-1].strip()
-    return None
-
-
-# ---------------------------------------------------------------------------------
 # Turn-level rewards (about the tool call)
 
 
-def tool_execution_reward(messages: list[dict], weight: float = 0.2) -> float:
-    """weight x (successful calls / attempted calls); 0 if no call was attempted.
+def tool_execution_reward(messages: list[dict]) -> float:
+    """Successful calls / attempted calls; 0 if no call was attempted.
 
     An attempted call is one the environment answered with a <result>; it succeeded
     unless the result starts with "Error:". Fix of the reference's quirk: there, a
@@ -119,30 +91,30 @@ def tool_execution_reward(messages: list[dict], weight: float = 0.2) -> float:
     results = tool_results(messages)
     if not results:
         return 0.0
-    ok = sum(not r.startswith("Error:") for r in results)
-    return weight * ok / len(results)
+    ok = sum(not r.startswith(ERROR_PREFIX) for r in results)
+    return ok / len(results)
 
 
-def search_has_answer_reward(messages: list[dict], aliases: list[str], weight: float = 0.5) -> float:
-    """weight if a gold alias occurs (normalized, whole words) in the first passage of
+def search_has_answer_reward(messages: list[dict], aliases: list[str]) -> float:
+    """1 if a gold alias occurs (normalized, whole words) in the first passage of
     the first tool result, else 0. Only the first passage, whatever `k` the call asked
     for: otherwise asking for five passages would buy five chances. An error result
     earns nothing even if it quotes the answer."""
     results = tool_results(messages)
-    if not results or results[0].startswith("Error:"):
+    if not results or results[0].startswith(ERROR_PREFIX):
         return 0.0
-    return weight * _contains(results[0].split(PASSAGE_SEP)[0], aliases)
+    return float(contains_alias(results[0].split(PASSAGE_SEP)[0], aliases))
 
 
 # ---------------------------------------------------------------------------------
 # Outcome rewards (about the final answer)
 
 
-def exact_match_reward(messages: list[dict], aliases: list[str], weight: float = 1.0) -> float:
-    """weight if the last <answer> equals a gold alias after normalize_answer.
+def exact_match_reward(messages: list[dict], aliases: list[str]) -> float:
+    """1 if the last <answer> equals a gold alias after normalize_answer.
     (The reference only lowercased and stripped.)"""
     ans = final_answer(messages)
-    return 0.0 if ans is None else weight * exact_match(ans, aliases)
+    return 0.0 if ans is None else exact_match(ans, aliases)
 
 
 # Separators of a list of candidates. "and" is not one ("Trinidad and Tobago"), nor a
@@ -155,10 +127,8 @@ def is_hedge(answer: str) -> bool:
     return len([p for p in _LIST_SEP.split(answer) if normalize_answer(p)]) > 1
 
 
-def contains_answer_reward(
-    messages: list[dict], aliases: list[str], weight: float = 0.5, max_words: int = 10
-) -> float:
-    """weight if a gold alias occurs in the last <answer> as whole words, the answer
+def contains_answer_reward(messages: list[dict], aliases: list[str], max_words: int = 10) -> float:
+    """1 if a gold alias occurs in the last <answer> as whole words, the answer
     has at most `max_words` words, and it is not a hedge or a list (unless it is
     exactly a gold alias, e.g. "Washington, D.C."). Fixes of the reference's quirk:
     an answer that pastes a passage, or lists candidates, collects nothing."""
@@ -167,7 +137,7 @@ def contains_answer_reward(
         return 0.0
     if is_hedge(ans) and not exact_match(ans, aliases):
         return 0.0
-    return weight * _contains(ans, aliases)
+    return float(contains_alias(ans, aliases))
 
 
 def _format_score(text: str) -> float:
@@ -177,7 +147,7 @@ def _format_score(text: str) -> float:
     </answer>. A message that writes a <result> itself (only the environment may)
     scores 0."""
     t = text.strip()
-    if "<result>" in t or "</result>" in t:
+    if RESULT_OPEN in t or RESULT_CLOSE in t:
         return 0.0
     reasoning = re.search(r"<reasoning>.*?</reasoning>", t, re.S)
     actions = re.findall(r"<(tool|answer)>.*?</\1>", t, re.S)
@@ -190,19 +160,19 @@ def _format_score(text: str) -> float:
     return sum(checks) / len(checks)
 
 
-def format_reward(messages: list[dict], weight: float = 0.2) -> float:
-    """weight x the mean over assistant messages of `_format_score`, where the last
+def format_reward(messages: list[dict]) -> float:
+    """The mean over assistant messages of `_format_score`, where the last
     message scores 0 unless it gives an <answer>: an episode that ends on a tool call
     beyond the limit, or is cut off, did not finish the task. (The reference scored a
     well-formed second tool call as fully as an answer, so a policy that looped on
     the tool lost nothing; its "spacing" check was also always awarded.)"""
-    texts = assistant_messages(_episode(messages))
+    texts = assistant_messages(episode_messages(messages))
     if not texts:
         return 0.0
     scores = [_format_score(t) for t in texts]
     if not re.search(r"<answer>.*?</answer>", texts[-1], re.S):
         scores[-1] = 0.0
-    return weight * sum(scores) / len(scores)
+    return sum(scores) / len(scores)
 
 
 def _xml_score(text: str) -> float:
@@ -218,37 +188,35 @@ def _xml_score(text: str) -> float:
     return sum(0.5 * (text.count(f"<{t}>") == 1) + 0.5 * (text.count(f"</{t}>") == 1) for t in tags) / len(tags)
 
 
-def xml_reward(messages: list[dict], weight: float = 0.2) -> float:
-    """weight x the mean over assistant messages of `_xml_score`."""
-    texts = assistant_messages(_episode(messages))
+def xml_reward(messages: list[dict]) -> float:
+    """The mean over assistant messages of `_xml_score`."""
+    texts = assistant_messages(episode_messages(messages))
     if not texts:
         return 0.0
-    return weight * sum(map(_xml_score, texts)) / len(texts)
+    return sum(map(_xml_score, texts)) / len(texts)
 
 
 # ---------------------------------------------------------------------------------
 # The sums
 
 
+def _weighted(scores: dict, weights: dict, override: dict | None) -> tuple[float, dict]:
+    w = {**weights, **(override or {})}
+    return sum(w[k] * v for k, v in scores.items()), scores
+
+
 def turn_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
-    """R^T = tool_execution + search_has_answer, each times its weight (default 1).
-    Returns (R^T, {component: weighted value})."""
-    w = {**TURN_WEIGHTS, **(weights or {})}
-    parts = {
-        "tool_execution": w["tool_execution"] * tool_execution_reward(messages),
-        "search_has_answer": w["search_has_answer"] * search_has_answer_reward(messages, aliases),
-    }
-    return sum(parts.values()), parts
+    """R^T = sum of TURN_WEIGHTS[c] x score c (`weights` overrides some). Returns (R^T,
+    {component: unweighted score})."""
+    scores = {"tool_execution": tool_execution_reward(messages),
+              "search_has_answer": search_has_answer_reward(messages, aliases)}
+    return _weighted(scores, TURN_WEIGHTS, weights)
 
 
 def outcome_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
-    """R^O = exact_match + contains_answer + format + xml, each times its weight
-    (default 1). Returns (R^O, {component: weighted value})."""
-    w = {**OUTCOME_WEIGHTS, **(weights or {})}
-    parts = {
-        "exact_match": w["exact_match"] * exact_match_reward(messages, aliases),
-        "contains_answer": w["contains_answer"] * contains_answer_reward(messages, aliases),
-        "format": w["format"] * format_reward(messages),
-        "xml": w["xml"] * xml_reward(messages),
-    }
-    return sum(parts.values()), parts
+    """R^O = sum of OUTCOME_WEIGHTS[c] x score c (`weights` overrides some). Returns (R^O,
+    {component: unweighted score})."""
+    scores = {"exact_match": exact_match_reward(messages, aliases),
+              "contains_answer": contains_answer_reward(messages, aliases),
+              "format": format_reward(messages), "xml": xml_reward(messages)}
+    return _weighted(scores, OUTCOME_WEIGHTS, weights)

@@ -1,4 +1,4 @@
-"""Tests of the tasks: the embedded Factbook task and the TriviaQA code path."""
+"""Tests of data.py: the embedded Factbook task and the TriviaQA code path."""
 
 import os
 import re
@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
+import data
 import tool_env
-from rewards import _contains, normalize_answer
+from rewards import contains_alias, normalize_answer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "triviaqa")
@@ -17,8 +18,8 @@ FIXTURE = os.path.join(HERE, "fixtures", "triviaqa")
 
 @pytest.fixture(scope="module")
 def factbook():
-    splits = {s: tool_env.load_task("factbook", s) for s in tool_env.SPLITS}
-    corpus = tool_env.load_corpus("factbook")
+    splits = {s: data.load_task("factbook", s) for s in data.SPLITS}
+    corpus = data.load_corpus("factbook")
     return splits, corpus
 
 
@@ -61,7 +62,7 @@ def test_every_answer_is_in_its_source_passage(factbook):
     assert len(by_title) == len(corpus)  # titles are unique
     for ds in splits.values():
         for row in ds:
-            assert _contains(by_title[row["source"]], row["answer"]["aliases"]), row
+            assert contains_alias(by_title[row["source"]], row["answer"]["aliases"]), row
 
 
 def test_no_answer_is_shared_by_many_countries(factbook):
@@ -82,7 +83,7 @@ def test_no_answer_is_shared_by_many_countries(factbook):
 def test_retrieval_finds_known_passages(index, question, alias, title):
     top = index.retrieve(question, k=1)
     assert index.passages[top[0]]["title"] == title
-    assert _contains(index.search(question, k=1), [alias])
+    assert contains_alias(index.search(question, k=1), [alias])
 
 
 def test_factbook_examples_from_the_data(factbook):
@@ -116,7 +117,7 @@ def test_no_alias_can_be_guessed_from_the_question(factbook):
     for r in _all_rows(factbook):
         q = f" {normalize_answer(r['question'])} "
         for a in r["answer"]["aliases"]:
-            assert normalize_answer(a) not in tool_env.GENERIC_ALIASES, (r["question"], a)
+            assert normalize_answer(a) not in data.GENERIC_ALIASES, (r["question"], a)
             assert f" {normalize_answer(a)} " not in q, (r["question"], a)
 
 
@@ -145,42 +146,42 @@ def test_questions_with_several_right_answers_are_dropped(factbook):
 
 
 def test_triviaqa_local_fixture():
-    train = tool_env.load_task(f"triviaqa:{FIXTURE}", "train")
+    train = data.load_task(f"triviaqa:{FIXTURE}", "train")
     assert len(train) == 3
     assert set(train.column_names) == {"question_id", "question", "answer", "source"}
     row = train[0]
     assert row["question_id"] == "tc_1" and row["source"] == "Florence"
     assert row["answer"]["normalized_aliases"] == ["firenze", "florence", "florence italy"]
-    val = tool_env.load_task(f"triviaqa:{FIXTURE}", "validation")
+    val = data.load_task(f"triviaqa:{FIXTURE}", "validation")
     assert val[0]["answer"]["value"] == "Japan"
-    corpus = tool_env.load_corpus(os.path.join(FIXTURE, "corpus.jsonl"))
+    corpus = data.load_corpus(os.path.join(FIXTURE, "corpus.jsonl"))
     tools = tool_env.make_tools(corpus)
     out = tools["wiki_search"](query=row["question"])
-    assert out.startswith("Florence\n") and _contains(out, row["answer"]["aliases"])
+    assert out.startswith("Florence\n") and contains_alias(out, row["answer"]["aliases"])
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="no test.jsonl"):
-        tool_env.load_task(f"triviaqa:{FIXTURE}", "test")
+        data.load_task(f"triviaqa:{FIXTURE}", "test")
     with pytest.raises(ValueError, match="unknown task 'squad'"):
-        tool_env.load_task("squad", "train")
+        data.load_task("squad", "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
-        tool_env.load_task("factbook", "dev")
+        data.load_task("factbook", "dev")
     with pytest.raises(FileNotFoundError, match="search corpus 'nope.jsonl' not found"):
-        tool_env.load_corpus("nope.jsonl")
+        data.load_corpus("nope.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "a", "text": "b"}\n{"title": "a"}\n')
     with pytest.raises(ValueError, match="passage 2 needs string fields"):
-        tool_env.load_corpus(str(bad))
+        data.load_corpus(str(bad))
     bad.write_text('{"title": "a", "text": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
-        tool_env.load_corpus(str(bad))
+        data.load_corpus(str(bad))
 
 
 def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
     # offline and with an empty cache, as on a machine that never downloaded it
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "import tool_env; tool_env.load_task('triviaqa', 'train')"
+    code = "import data; data.load_task('triviaqa', 'train')"
     p = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
@@ -189,7 +190,7 @@ def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
 
 
 def test_default_corpus():
-    assert tool_env.default_corpus("factbook") == "factbook"
-    assert tool_env.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
+    assert data.default_corpus("factbook") == "factbook"
+    assert data.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
     with pytest.raises(ValueError, match="task 'triviaqa' needs --corpus PATH"):
-        tool_env.default_corpus("triviaqa")
+        data.default_corpus("triviaqa")

@@ -10,6 +10,7 @@ import torch
 
 import mtgrpo
 import precision
+import sampler
 import tool_env
 import train
 
@@ -125,6 +126,16 @@ def test_token_mean_vs_seq_mean_on_unequal_lengths():
     assert float(dr) == pytest.approx(10 / 10)
 
 
+def test_loss_normalizer_of_a_whole_batch():
+    masks = [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0], [0, 1, 1, 1, 1]]  # 3 episodes, 3 + 1 + 4 loss tokens
+    assert mtgrpo.loss_normalizer("token-mean", masks, 256) == 8
+    assert mtgrpo.loss_normalizer("seq-mean", masks, 256) == 3
+    assert mtgrpo.loss_normalizer("dr-grpo", masks, 256) == 3 * 256
+    # dr-grpo's constant is not in the mask: no silent fallback to the padded size
+    with pytest.raises(ValueError, match="loss_normalizer"):
+        mtgrpo.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), aggregation="dr-grpo")
+
+
 def test_kl_term():
     logp = torch.tensor([[-1.0, -2.0]])
     ref = torch.tensor([[-1.5, -2.0]])
@@ -143,7 +154,7 @@ def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer):
     for n in (5, 9, 12, 7):
         ids = torch.randint(0, 1000, (n,), generator=g).tolist()
         mask = [0, 0] + [1] * (n - 2)
-        episodes.append(mtgrpo.Episode("q", "q", [], ids, mask, mask, [0.0] * n, []))
+        episodes.append(sampler.Episode("q", "q", [], ids, mask, mask, [0.0] * n, []))
     advs = [torch.randn(len(e.token_ids), generator=g) for e in episodes]
     total = sum(sum(e.loss_mask) for e in episodes)
 
@@ -174,7 +185,7 @@ def two_groups(generator, prompt_lens=(20, 25), group_size=3):
             n = 5 + 3 * r + q
             mask = [0] * plen + [1, 1, 0, 0] + [1] * (n - 4)
             ids = prompt + torch.randint(0, 1000, (n,), generator=generator).tolist()
-            episodes.append(mtgrpo.Episode(f"q{q}", "q", [], ids, mask, mask, [0.0] * len(ids), []))
+            episodes.append(sampler.Episode(f"q{q}", "q", [], ids, mask, mask, [0.0] * len(ids), []))
     advs = [torch.randn(len(e.token_ids), generator=generator) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
     return episodes, advs
 
@@ -185,8 +196,9 @@ def run_update(model, episodes, advs, flags, pad_id, shared_prefix=True, ref_mod
     master = precision.MasterWeights(model, "fp32")
     opt = torch.optim.SGD(master.params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    out = train.update(model, master, opt, sched, episodes, advs, train.parse_args(["--temperature", "1", *flags]), pad_id, ref_model,
-                       shared_prefix=shared_prefix)
+    args = vars(train.parse_args(["--temperature", "1", *flags]))
+    out = train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args),
+                       sampler.RolloutConfig.from_dict(args), pad_id, ref_model, shared_prefix=shared_prefix)
     return out, [p.grad.clone() for p in master.params]
 
 
@@ -281,8 +293,9 @@ def scripted(tokenizer, query):
 
 def run_scripted(model, tokenizer, tools, queries, **kw):
     force = [scripted(tokenizer, q) if q else tokenizer.encode("<answer>x</answer>", add_special_tokens=False) for q in queries]
-    return mtgrpo.sample_episodes(model, tokenizer, Q, tools, group_size=len(queries) // 2, max_turn_tokens=48,
-                                  temperature=1.0, generator=torch.Generator().manual_seed(0), force=force, **kw)
+    cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0, **kw)
+    return sampler.sample_episodes(model, tokenizer, Q, tools, len(queries) // 2, cfg,
+                                  generator=torch.Generator().manual_seed(0), force=force)
 
 
 def check_consistency(model, tokenizer, episodes, tol=1e-4):
@@ -352,8 +365,8 @@ def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype):
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
     check_consistency(model, tokenizer, eps, TOL[dtype])
     # free sampling too, with the fewshot prompt (long prompt) and the turn budget
-    free = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 3, 20, 1.0, 50, fewshot=True,
-                                  generator=torch.Generator().manual_seed(3))
+    cfg = sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, top_k=50, fewshot=True)
+    free = sampler.sample_episodes(model, tokenizer, Q, tools, 3, cfg, generator=torch.Generator().manual_seed(3))
     assert {e.end_reason for e in free} <= {"budget", "no_action", "answer", "tool", "tool_limit"}
     check_consistency(model, tokenizer, free, TOL[dtype])
 
@@ -362,7 +375,7 @@ def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()
     """The obviously-correct sampler: one episode, no cache, no padding; every token
     is the argmax of a full forward pass over the whole sequence so far."""
     msgs = tool_env.initial_messages(row["question"], tools)
-    ids = mtgrpo.prompt_ids(tokenizer, msgs)
+    ids = sampler.prompt_ids(tokenizer, msgs)
     force, n_sampled = list(force), 0
     while True:
         start = len(ids)
@@ -374,7 +387,7 @@ def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()
             n_sampled += 1
             ids.append(nxt)
             text = tokenizer.decode(ids[start:])
-            stopped = nxt == tokenizer.eos_token_id or any(s in text for s in mtgrpo.STOP_STRINGS)
+            stopped = nxt == tokenizer.eos_token_id or any(s in text for s in sampler.STOP_STRINGS)
             if stopped or len(ids) - start >= max_turn_tokens:
                 break
         msgs.append({"role": "assistant", "content": tokenizer.decode(ids[start:], skip_special_tokens=True)})
@@ -382,7 +395,7 @@ def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()
         if step.done:
             return ids
         msgs.append(step.message)
-        glue = mtgrpo.chat_glue(tokenizer, step.message)
+        glue = sampler.chat_glue(tokenizer, step.message)
         ids += glue[1:] if nxt == tokenizer.eos_token_id and glue[:1] == [tokenizer.eos_token_id] else glue
 
 
@@ -396,7 +409,8 @@ def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype):
     queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
     # scripts end 3 tokens early, then greedy decoding takes over; one episode is all greedy
     force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
-    batched = mtgrpo.sample_episodes(model, tokenizer, Q, tools, 2, max_turn_tokens=48, temperature=0.0, force=force)
+    greedy = sampler.RolloutConfig(max_turn_tokens=48).greedy()
+    batched = sampler.sample_episodes(model, tokenizer, Q, tools, 2, greedy, force=force)
     assert any(e.num_turns == 2 for e in batched)
     for i, ep in enumerate(batched):
         assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
@@ -435,7 +449,7 @@ def test_spread_covers_the_split():
 
 def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
-    monkeypatch.setattr(mtgrpo, "score_episodes", fake_scores)
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     assert train.main(train_args(path, tmp_path / "full", 3)) == 0
     out = capsys.readouterr().out  # the run ends with the held-out table: before (step 0) and after (step 3)
     assert "before and after training" in out and "step 0 " in out and "step 3 " in out
@@ -506,7 +520,7 @@ def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
 
 def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkeypatch):
     _, path = tiny
-    monkeypatch.setattr(mtgrpo, "score_episodes", fake_scores)
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     out = tmp_path / "bf16"
     assert train.main(train_args(path, out, 2, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0"])) == 0
     assert json.loads((out / "config.json").read_text())["resolved_precision"] == "bf16"
@@ -613,11 +627,11 @@ def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
 
 def test_top_k_sampling_stays_in_the_top_k():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]] * 200)
-    tokens = mtgrpo._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))
+    tokens = sampler._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))
     assert set(tokens.tolist()) == {1, 3}
     # p(1) / p(3) = e^(5 - 4); observed share of token 1 near e / (1 + e) = 0.73
     assert 0.6 < (tokens == 1).float().mean() < 0.85
-    assert mtgrpo._sample(logits[:1], 0.0, 2, None).tolist() == [1]  # greedy
+    assert sampler._sample(logits[:1], 0.0, 2, None).tolist() == [1]  # greedy
 
 
 # ------------------------------------------------------------------ evaluate.py
@@ -626,12 +640,12 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     import evaluate
 
     model, _ = tiny
-    metrics, eps = evaluate.evaluate(model, tokenizer, Q, tools, max_turn_tokens=8)
+    metrics, eps = evaluate.evaluate(model, tokenizer, Q, tools, sampler.RolloutConfig(max_turn_tokens=8, fewshot=False))
     assert metrics["episodes"] == 2 and set(evaluate.METRICS) <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in evaluate.METRICS)
     # a scripted two-turn rollout, rendered with its mt-grpo advantages
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", None, "Egypt", None])
-    mtgrpo.score_episodes(eps)
+    sampler.score_episodes(eps)
     advs = mtgrpo.episode_advantages(eps, 2, "mt-grpo")
     ansi, page = evaluate.render(tokenizer, eps[0], advs[0])
     assert "[turn 1]" in ansi and "[turn 2]" in ansi
@@ -639,53 +653,3 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     # every sampled token is coloured, every other token is grey
     assert page.count("<span style=") == sum(eps[0].loss_mask)
     assert page.count('class="env"') == len(eps[0].token_ids) - sum(eps[0].loss_mask)
-
-
-def _write_log(run, rows):
-    run.mkdir()
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def test_plot_runs(tmp_path):
-    import evaluate
-
-    for name in ("a", "b"):
-        _write_log(tmp_path / name, [{"step": i + 1, "tool_call_rate": i / 10, "tool_success": 1.0, "search_has_answer": 0.1,
-                                      "em": 0.2, "R_T": 0.3, "R_O": 0.4} for i in range(4)])
-    out = evaluate.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "curves.png"))
-    assert os.path.getsize(out) > 10_000
-    with pytest.raises(FileNotFoundError, match="no log.jsonl"):
-        evaluate.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
-
-
-def _eval(step, em, tool, **extra):
-    m = {"tool_call_rate": tool, "tool_success": 1.0, "search_has_answer": 0.5, "exact_match": em,
-         "contains_answer": em, "format": 0.5}
-    return {"step": step, "eval_split": "test", **{f"eval_{k}": v for k, v in m.items()}, **extra}
-
-
-def test_seed_grouping_and_results_table(tmp_path):
-    import evaluate
-
-    assert evaluate.run_label("results/runs/mt-grpo-s0/") == "mt-grpo"
-    assert evaluate.run_label("grpo-or_seed12") == "grpo-or"
-    assert evaluate.run_label("lr1e-5") == "lr1e-5"
-    train = {"R_T": 0.0, "R_O": 0.0, "time_sample": 30.0, "time_score": 0.0, "time_update": 60.0}
-    # two seeds of one method, one of another; seed 1 has an extra step-1 evaluation
-    _write_log(tmp_path / "mt-s0", [_eval(0, 0.1, 0.2, time_eval=30.0), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.3, 0.8, time_eval=30.0)}])
-    _write_log(tmp_path / "mt-s1", [_eval(0, 0.1, 0.2), {"step": 1, **train, **_eval(1, 0.0, 0.0)}, {"step": 2, **train, **_eval(2, 0.5, 1.0)}])
-    _write_log(tmp_path / "or-s0", [_eval(0, 0.1, 0.2), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
-    runs = [str(tmp_path / n) for n in ("mt-s0", "mt-s1", "or-s0")]
-    steps, mean, lo, hi = evaluate.across_seeds(evaluate.group_runs(runs)["mt"], "eval_exact_match")
-    assert steps == [0, 2]  # step 1 was evaluated in one seed only
-    assert mean == pytest.approx([0.1, 0.4]) and lo == [0.1, 0.3] and hi == [0.1, 0.5]
-    lines = evaluate.results_table(runs).splitlines()
-    assert lines[2] == "| base model | 3 | 0 | 0.200 | 1.000 | 0.500 | 0.100 | 0.100 | 0.500 | - |"
-    # mt: mean of 0.8 and 1.0 tool calls, of 0.3 and 0.5 EM; wall time (30+60)*2 + 2*30 s = 4 min for seed 0, 3 min for seed 1
-    assert lines[3] == "| mt | 2 | 2 | 0.900 (0.800-1.000) | 1.000 | 0.500 | 0.400 (0.300-0.500) | 0.400 (0.300-0.500) | 0.500 | 3.5 min |"
-    assert lines[4] == "| or | 1 | 2 | 0.000 | 1.000 | 0.500 | 0.200 | 0.200 | 0.500 | 3.0 min |"
-    assert os.path.getsize(evaluate.plot_runs(runs, str(tmp_path / "c.png"))) > 10_000
-    _write_log(tmp_path / "late-s0", [_eval(0, 0.1, 0.2), {"step": 3, **train, **_eval(3, 0.2, 0.0)}])
-    _write_log(tmp_path / "late-s1", [_eval(0, 0.1, 0.2), {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
-    with pytest.raises(ValueError, match="different steps"):
-        evaluate.results_table([str(tmp_path / "late-s0"), str(tmp_path / "late-s1")])

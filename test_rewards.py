@@ -7,7 +7,6 @@ from rewards import (
     _xml_score,
     contains_answer_reward,
     exact_match,
-    final_answer,
     format_reward,
     normalize_answer,
     outcome_reward,
@@ -16,6 +15,7 @@ from rewards import (
     turn_reward,
     xml_reward,
 )
+from tool_env import final_answer
 
 ALIASES = ["Mount Catherine", "Mt. Catherine"]
 CALL = '<reasoning>search</reasoning>\n<tool>{"name": "wiki_search", "args": {"query": "Egypt highest point"}}</tool>'
@@ -62,21 +62,21 @@ def test_exact_match():
 def test_correct_episode():
     msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
     rt, parts = turn_reward(msgs, ALIASES)
-    assert parts == {"tool_execution": 0.2, "search_has_answer": 0.5}
-    assert rt == pytest.approx(0.7)
+    assert parts == {"tool_execution": 1.0, "search_has_answer": 1.0}  # scores, unweighted
+    assert rt == pytest.approx(0.2 * 1 + 0.5 * 1)
     ro, parts = outcome_reward(msgs, ALIASES)
-    assert parts["exact_match"] == 1.0 and parts["contains_answer"] == 0.5
-    assert parts["format"] == pytest.approx(0.2) and parts["xml"] == pytest.approx(0.2)
-    assert ro == pytest.approx(1.9)
+    assert parts == {"exact_match": 1.0, "contains_answer": 1.0, "format": 1.0, "xml": 1.0}
+    assert ro == pytest.approx(1.0 + 0.5 + 0.2 + 0.2)
 
 
 def test_wrong_answer_after_useless_search():
     msgs = episode(CALL, BAD_RESULT, answer("Mount Sinai"))
     rt, parts = turn_reward(msgs, ALIASES)
-    assert parts == {"tool_execution": 0.2, "search_has_answer": 0.0}
+    assert parts == {"tool_execution": 1.0, "search_has_answer": 0.0}
+    assert rt == pytest.approx(0.2)
     ro, parts = outcome_reward(msgs, ALIASES)
     assert parts["exact_match"] == 0.0 and parts["contains_answer"] == 0.0
-    assert ro == pytest.approx(0.4)
+    assert ro == pytest.approx(0.2 + 0.2)  # format and xml only
 
 
 def test_error_result_is_a_failed_call():
@@ -90,7 +90,8 @@ def test_error_result_is_a_failed_call():
 
 def test_two_calls_one_failed():
     msgs = episode(CALL, ERROR_RESULT, CALL, GOOD_RESULT, answer("Mt Catherine"))
-    assert tool_execution_reward(msgs) == pytest.approx(0.1)  # 0.2 * 1/2
+    assert tool_execution_reward(msgs) == pytest.approx(0.5)  # 1 of 2 calls ran
+    assert turn_reward(msgs, ALIASES)[0] == pytest.approx(0.2 * 0.5)
     assert search_has_answer_reward(msgs, ALIASES) == 0.0  # only the first result counts
 
 
@@ -106,7 +107,7 @@ def test_pasted_passage_earns_no_contains():
     paste = "Egypt - Geography - Elevation highest point: Mount Catherine 2,629 m lowest point: Qattara Depression"
     msgs = episode(CALL, GOOD_RESULT, answer(paste))
     assert contains_answer_reward(msgs, ALIASES) == 0.0
-    assert contains_answer_reward(episode(answer("It is Mount Catherine")), ALIASES) == 0.5
+    assert contains_answer_reward(episode(answer("It is Mount Catherine")), ALIASES) == 1.0
     # whole words only: "Catherine" alone is not "Mount Catherine", and "Mt. Catherineville" is not either
     assert contains_answer_reward(episode(answer("Catherine")), ALIASES) == 0.0
     assert contains_answer_reward(episode(answer("Mt. Catherineville")), ALIASES) == 0.0
@@ -145,14 +146,14 @@ def test_malformed_format_and_xml():
     assert _xml_score("<reasoning>a<reasoning></reasoning><answer>b") == pytest.approx((0.5 + 0.5) / 2)
     assert _xml_score("no tags") == 0.0
     msgs = episode(CALL, GOOD_RESULT, "Cairo")
-    assert format_reward(msgs) == pytest.approx(0.2 * (1 + 0) / 2)
-    assert xml_reward(msgs) == pytest.approx(0.2 * (1 + 0) / 2)
+    assert format_reward(msgs) == pytest.approx((1 + 0) / 2)
+    assert xml_reward(msgs) == pytest.approx((1 + 0) / 2)
 
 
 def test_weights():
     msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
     rt, parts = turn_reward(msgs, ALIASES, weights={"search_has_answer": 2.0})
-    assert rt == pytest.approx(0.2 + 1.0)
+    assert rt == pytest.approx(0.2 * 1 + 2.0 * 1)  # the override replaces 0.5
     ro, _ = outcome_reward(msgs, ALIASES, weights={"format": 0.0, "xml": 0.0, "contains_answer": 0.0})
     assert ro == 1.0
 
@@ -161,7 +162,7 @@ def test_search_has_answer_reads_the_first_passage_only():
     two = "<result>\nEgypt - Geography - Coastline\n2,450 km\n\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n</result>"
     assert search_has_answer_reward(episode(CALL, two, answer("x")), ALIASES) == 0.0  # in the second passage: no
     first = "<result>\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n\nEgypt - Geography - Coastline\n2,450 km\n</result>"
-    assert search_has_answer_reward(episode(CALL, first, answer("x")), ALIASES) == 0.5
+    assert search_has_answer_reward(episode(CALL, first, answer("x")), ALIASES) == 1.0
 
 
 def test_search_results_keep_passages_apart():
@@ -174,16 +175,16 @@ def test_search_results_keep_passages_apart():
 
 
 @pytest.mark.parametrize("ans, aliases, expected", [
-    ("Gitega", ["Gitega"], 0.5),
+    ("Gitega", ["Gitega"], 1.0),
     ("Gitega or Bujumbura", ["Gitega"], 0.0),  # a hedge
     ("Cairo, Giza, Alexandria", ["Cairo"], 0.0),  # a list
     ("Cairo / Giza", ["Cairo"], 0.0),
-    ("either Cairo", ["Cairo"], 0.5),  # one candidate: "either" alone splits off nothing
-    ("Washington, D.C.", ["Washington, D.C."], 0.5),  # an exact alias with a comma is not a list
+    ("either Cairo", ["Cairo"], 1.0),  # one candidate: "either" alone splits off nothing
+    ("Washington, D.C.", ["Washington, D.C."], 1.0),  # an exact alias with a comma is not a list
     ("Port of Spain, Trinidad and Tobago", ["Port of Spain"], 0.0),
-    ("the capital is Port of Spain", ["Port of Spain"], 0.5),
-    ("Trinidad and Tobago", ["Trinidad and Tobago"], 0.5),  # "and" is not a list separator
-    ("The population is 870,000 Libreville.", ["Libreville"], 0.5),  # nor a comma inside a number
+    ("the capital is Port of Spain", ["Port of Spain"], 1.0),
+    ("Trinidad and Tobago", ["Trinidad and Tobago"], 1.0),  # "and" is not a list separator
+    ("The population is 870,000 Libreville.", ["Libreville"], 1.0),  # nor a comma inside a number
     ("870, Libreville", ["Libreville"], 0.0),
 ])
 def test_contains_answer_pays_nothing_for_hedges_and_lists(ans, aliases, expected):
@@ -195,12 +196,12 @@ def test_ending_on_a_second_tool_call_scores_below_answering():
     wrong = episode(CALL, GOOD_RESULT, answer("Mount Sinai"))
     ro_loop, parts_loop = outcome_reward(loop, ALIASES)
     ro_wrong, parts_wrong = outcome_reward(wrong, ALIASES)
-    # format: the last message did not answer -> (1 + 0) / 2 x 0.2; xml is right in both messages
-    assert parts_loop["format"] == pytest.approx(0.1) and parts_loop["xml"] == pytest.approx(0.2)
-    assert ro_loop == pytest.approx(0.3) and ro_wrong == pytest.approx(0.4)
+    # format: the last message did not answer -> (1 + 0) / 2; xml is right in both messages
+    assert parts_loop["format"] == pytest.approx(0.5) and parts_loop["xml"] == pytest.approx(1.0)
+    assert ro_loop == pytest.approx(0.2 * 0.5 + 0.2 * 1.0) and ro_wrong == pytest.approx(0.2 + 0.2)
     # a turn cut off by the budget did not answer either
     cut = episode(CALL, GOOD_RESULT, "<reasoning>the result says")
-    assert format_reward(cut) == pytest.approx(0.2 * (1 + 0) / 2)
+    assert format_reward(cut) == pytest.approx((1 + 0) / 2)
 
 
 def test_xml_counts_missing_required_tags():

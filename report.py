@@ -1,0 +1,174 @@
+"""Tables and plots over train.py runs (README "Results", `make results`).
+
+    python report.py --table RUN_DIR... --plot RUN_DIR... --out results/compare
+
+reads each run's log.jsonl: the table (OUT.md) has the held-out evaluations that
+train.py --eval-every logged, before training and at each run's last evaluation; the
+plot (OUT.png) has a panel per metric and a line per method, the mean over seeds with
+the min-max range shaded. Runs that differ only in their seed (NAME-s0, NAME-s1, ...)
+are one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+# ----------------------------------------------------------------------------------
+# Curves
+
+
+# (key, title): a panel per metric. The first four prefer the held-out evaluations that
+# train.py --eval-every logs (eval_*); runs without them fall back to the training rollouts.
+PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execution success"),
+             ("search_has_answer", "search has answer"), ("exact_match", "exact match"),
+             ("R_T", "R^T (training rollouts)"), ("R_O", "R^O (training rollouts)"))
+TRAIN_KEY = {"exact_match": "em"}  # the training log's name for a metric, where it differs
+
+
+def read_log(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no log.jsonl (is it a train.py --output-dir?)")
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def run_label(run_dir: str) -> str:
+    """Runs that differ only in their seed share a label: runs/mt-grpo-s0 -> mt-grpo."""
+    return re.sub(r"[-_]s(eed)?\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+
+
+def group_runs(run_dirs: list[str]) -> dict[str, list[list[dict]]]:
+    """{label: [log of each seed]}, in the order the runs were given."""
+    groups: dict[str, list[list[dict]]] = {}
+    for run in run_dirs:
+        groups.setdefault(run_label(run), []).append(read_log(run))
+    return groups
+
+
+def across_seeds(logs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(steps, mean, min, max) of `key` over the seeds, at the steps every seed logged it."""
+    per_seed = [{r["step"]: r[key] for r in log if r.get(key) is not None} for log in logs]
+    steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    vals = [[p[s] for p in per_seed] for s in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def smoothed(log: list[dict], key: str, window: int) -> list[dict]:
+    """The log with `key` replaced by its trailing moving average over `window` steps
+    (one step's few rollouts are noisy); steps without the key are left out."""
+    rows = [r for r in log if r.get(key) is not None]
+    out = []
+    for i, r in enumerate(rows):
+        w = [x[key] for x in rows[max(0, i - window + 1) : i + 1]]
+        out.append({"step": r["step"], key: sum(w) / len(w)})
+    return out
+
+
+def plot_data(run_dirs: list[str], smooth: int = 5) -> list[tuple[str, bool, dict[str, tuple]]]:
+    """What plot_runs draws, a panel per PLOT_KEYS entry: (title, held_out, {label
+    (n=seeds): (steps, mean, min, max)}). The first four panels use the held-out
+    evaluations where the runs have them (held_out), else the training rollouts
+    smoothed over `smooth` steps."""
+    groups = group_runs(run_dirs)
+    split = next((r["eval_split"] for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
+    panels = []
+    for key, title in PLOT_KEYS:
+        held_out = any(f"eval_{key}" in r for logs in groups.values() for log in logs for r in log)
+        if held_out:
+            title += f" ({split})" if split else ""
+        elif not key.startswith("R_"):  # the R panels say "training rollouts" already
+            title += " (training rollouts)"
+        k = f"eval_{key}" if held_out else TRAIN_KEY.get(key, key)
+        lines = {f"{label} (n={len(logs)})": across_seeds(logs if held_out else [smoothed(log, k, smooth) for log in logs], k)
+                 for label, logs in groups.items()}
+        panels.append((title, held_out, lines))
+    return panels
+
+
+def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
+    """A panel per metric, a line per label (runs that differ only in seed are one
+    label): the mean over seeds, with the min-max range over seeds shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (title, held_out, lines) in zip(axes.flat, plot_data(run_dirs, smooth)):
+        for label, (steps, mean, lo, hi) in lines.items():
+            line, = ax.plot(steps, mean, marker="o" if held_out else None, label=label)
+            if lo != hi:
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+TABLE_COLS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool success"),
+              ("search_has_answer", "search has answer"), ("exact_match", "EM"),
+              ("contains_answer", "contains"), ("format", "format"))
+
+
+def _cell(vals: list[float]) -> str:
+    mean = sum(vals) / len(vals)
+    return f"{mean:.3f}" if min(vals) == max(vals) else f"{mean:.3f} ({min(vals):.3f}-{max(vals):.3f})"
+
+
+def results_table(run_dirs: list[str]) -> str:
+    """Markdown table of the held-out evaluations that train.py logged: the model before
+    training (every run's step-0 evaluation) and each label at its last evaluated step.
+    Cells are the mean over the runs and, where they differ, their (min-max)."""
+    groups = group_runs(run_dirs)
+    head = ["model", "runs", "step"] + [t for _, t in TABLE_COLS] + ["wall time / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    start = [r for logs in groups.values() for log in logs for r in log if r["step"] == 0 and "eval_exact_match" in r]
+    if start:
+        cells = [_cell([r[f"eval_{k}"] for r in start]) for k, _ in TABLE_COLS]
+        lines.append("| " + " | ".join(["base model", str(len(start)), "0"] + cells + ["-"]) + " |")
+    for label, logs in groups.items():
+        evals = [[r for r in log if "eval_exact_match" in r and r["step"] > 0] for log in logs]
+        if not all(evals):
+            raise ValueError(f"{label}: a run has no evaluation after step 0 (train.py --eval-every)")
+        last = [e[-1] for e in evals]
+        if len({r["step"] for r in last}) > 1:
+            raise ValueError(f"{label}: seeds end at different steps {sorted(r['step'] for r in last)}")
+        cells = [_cell([r[f"eval_{k}"] for r in last]) for k, _ in TABLE_COLS]
+        minutes = [sum(r.get(t, 0.0) for r in log for t in ("time_sample", "time_score", "time_update", "time_eval")) / 60
+                   for log in logs]
+        lines.append("| " + " | ".join([label, str(len(logs)), str(last[0]["step"])] + cells
+                                        + [f"{sum(minutes) / len(minutes):.1f} min"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="markdown table of these runs' evaluations, to OUT.md")
+    p.add_argument("--out", default="report", help="output path prefix (OUT.md, OUT.png)")
+    args = p.parse_args(argv)
+    if not (args.plot or args.table):
+        p.error("nothing to do: give --table and/or --plot with run directories")
+    try:
+        if args.plot:
+            print("wrote", plot_runs(args.plot, args.out + ".png"))
+        if args.table:
+            text = results_table(args.table)
+            with open(args.out + ".md", "w") as f:
+                f.write(text + "\n")
+            print(text + f"\nwrote {args.out}.md")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Multi-turn rollouts: B questions x G episodes sampled in one batch with a KV cache.
+
+Read beside docs/paper.md §1 (the episode):
+
+    Episode           one rollout: token ids, loss mask, turn index and sampling log-prob of each token
+    RolloutConfig     how episodes are sampled (turn budget, temperature, top-k, tool calls, demo)
+    sample_episodes   the sampler: prefill each prompt once, decode all rows together, let the
+                      environment (tool_env.env_step) end each turn, prefill tool results in batches
+    score_episodes    R^T and R^O of each episode (rewards.py)
+
+Token in, token out: the ids the model sampled are the ids we train on. The environment's
+text (end-of-turn glue, the <result> message, the next assistant header) is tokenized
+once and appended as ids; nothing the model sampled is ever decoded and re-tokenized.
+Per-row sampler state lives in one small dataclass (Row); the batch's KV cache and masks
+in another (DecodeBatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+import rewards
+import tool_env
+
+
+@dataclass
+class Episode:
+    """One rollout. Lists are per token of `token_ids` (prompt included)."""
+
+    question_id: str
+    question: str
+    aliases: list[str]
+    token_ids: list[int]
+    loss_mask: list[int]  # 1 on tokens the model sampled in assistant turns
+    token_turns: list[int]  # k on tokens sampled in the k-th assistant turn, 0 elsewhere
+    sample_logp: list[float]  # log-prob of each sampled token at sampling time, 0 elsewhere
+    messages: list[dict]
+    end_reason: str = ""
+    turn_reward: float = 0.0  # R^T
+    outcome_reward: float = 0.0  # R^O
+    components: dict = field(default_factory=dict)
+
+    @property
+    def num_turns(self) -> int:
+        return max(self.token_turns, default=0)
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens before the first sampled one: the prompt, shared by the group's rollouts."""
+        return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
+
+
+def chat_glue(tokenizer, tool_message: dict) -> list[int]:
+    """Token ids that the chat template puts between an assistant turn's text and
+    the next assistant turn's first token: end of turn, the user <result> message,
+    the next assistant header. Found by rendering the template with a placeholder
+    assistant message and keeping what follows it."""
+    mark = "\u2063PLACEHOLDER\u2063"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}, tool_message]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text[text.index(mark) + len(mark) :], add_special_tokens=False)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+    """Next tokens from logits (R, V). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        # sample among the k largest only: the same distribution as masking the
+        # rest to -inf, without a multinomial over the whole vocabulary
+        values, indices = logits.topk(top_k, dim=-1)
+        pick = torch.multinomial(torch.softmax(values.float(), dim=-1), 1, generator=generator)
+        return indices.gather(1, pick).squeeze(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+STOP_STRINGS = ("</tool>", "</answer>")
+
+
+def _growing_cache():
+    """A transformers DynamicCache whose layers append into buffers of doubling
+    capacity. The stock layer concatenates the whole cache at every step (a copy
+    of all keys and values per token, and a new allocation of a new size each
+    time, which also fragments the heap); here a step writes only its new entries."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._n = 0
+
+        def _set(self, k, v, n):
+            self._k, self._v, self._n = k, v, n
+            self.keys, self.values = k[:, :, :n], v[:, :, :n]  # views of the filled part
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            need = self._n + key_states.shape[-2]
+            if self._k is None or need > self._k.shape[-2]:
+                cap = max(need, 2 * (self._k.shape[-2] if self._k is not None else 0), 64)
+                k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+                v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+                if self._n:
+                    k[:, :, : self._n] = self._k[:, :, : self._n]
+                    v[:, :, : self._n] = self._v[:, :, : self._n]
+                self._k, self._v = k, v
+            self._k[:, :, self._n : need] = key_states
+            self._v[:, :, self._n : need] = value_states
+            self._set(self._k, self._v, need)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self._n:
+                self._set(self._k[indices], self._v[indices], self._n)
+
+        def batch_repeat_interleave(self, repeats):
+            if self._n:
+                self._set(self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0), self._n)
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
+
+
+def no_dropout(fn):
+    """Run fn(model, ...) with the model in eval mode (dropout off), then restore its
+    mode: sampled tokens and their log-probs must come from the deterministic policy
+    that the update scores (with dropout, a tiny GPT-2 gave a sampler/trainer gap of 0.24)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapper
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are sampled: one object for training, evaluation, `--show` and the
+    benchmark, written to a run's config.json by train.py and read back by evaluate.py.
+    temperature 0 is greedy decoding (top_k is then unused)."""
+
+    max_turn_tokens: int = 128  # sampled tokens per assistant turn
+    temperature: float = 0.9
+    top_k: int = 50  # 0 = the whole vocabulary
+    max_tool_calls: int = 1  # the paper's episode: one search, then the answer
+    fewshot: bool = False  # the one-shot tool-use demonstration before the question
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RolloutConfig":
+        """From argparse's namespace (vars(args)) or a run's config.json: the keys
+        of the same names; the others are ignored."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def greedy(self) -> "RolloutConfig":
+        return dataclasses.replace(self, temperature=0.0, top_k=0)
+
+
+@dataclass
+class Row:
+    """One episode's sampler state while it is in the decode batch."""
+
+    ep: Episode
+    force: list[int]  # teacher-forced tokens (tests), taken instead of sampled ones
+    feed: list[int] = field(default_factory=list)  # ids for the next forward
+    n_sampled: int = 0
+    turn: int = 1  # the assistant turn being sampled, 1-based
+    turn_start: int = 0  # index in ep.token_ids of this turn's first token
+    parked: bool = False  # its tool result waits to be prefilled (see step 4)
+
+
+class DecodeBatch:
+    """The KV cache and masks of the batch rows being decoded. Rows are fed their new
+    tokens left-padded to a common width; the padding gets attention 0 and no position,
+    so the cache may hold holes but every real token sees exactly its own history."""
+
+    def __init__(self, model, n_rows: int, pad: int):
+        self.model, self.pad = model, pad
+        self.device = next(model.parameters()).device
+        self.cache = _growing_cache()
+        self.attn = torch.zeros(n_rows, 0, dtype=torch.long, device=self.device)  # over cache slots
+        self.n_real = torch.zeros(n_rows, dtype=torch.long, device=self.device)  # real tokens per row
+
+    def forward(self, feeds: list[list[int]]) -> torch.Tensor:
+        """Feed each row its new tokens; return the next-token logits (rows, V)."""
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), self.pad, dtype=torch.long, device=self.device)
+        new_mask = torch.zeros(len(feeds), width, dtype=torch.long, device=self.device)
+        for r, f in enumerate(feeds):
+            ids[r, width - len(f) :] = torch.tensor(f, device=self.device)
+            new_mask[r, width - len(f) :] = 1
+        self.attn = torch.cat([self.attn, new_mask], dim=1)
+        # positions count real tokens only, so holes do not shift them
+        pos = (self.n_real[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # only the last position's logits
+        self.cache = out.past_key_values
+        self.n_real = self.n_real + new_mask.sum(1)
+        return out.logits[:, -1, :].float()
+
+    def repeat(self, n: int) -> None:
+        """Each row becomes n consecutive rows (a prompt's cache copied to its G rollouts)."""
+        self.cache.batch_repeat_interleave(n)
+        self.attn, self.n_real = self.attn.repeat_interleave(n, 0), self.n_real.repeat_interleave(n, 0)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows: finished episodes stop costing compute."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if rows:
+            self.cache.batch_select_indices(idx)
+        self.attn, self.n_real = self.attn[idx], self.n_real[idx]
+
+
+def _extend(ep: Episode, ids: list[int], turn: int = 0, logp: float = 0.0) -> None:
+    """Append ids to the episode: sampled (turn > 0, one id with its log-prob) or given
+    by the environment (turn 0: not trained on)."""
+    ep.token_ids += ids
+    ep.loss_mask += [int(turn > 0)] * len(ids)
+    ep.token_turns += [turn] * len(ids)
+    ep.sample_logp += [logp] * len(ids)
+
+
+def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: bool) -> bool:
+    """The row's assistant turn is over: the environment (tool_env.env_step) ends the
+    episode or returns the tool's <result>, whose chat-template glue ids are appended
+    and fed later. Returns whether the episode goes on."""
+    ep, last = row.ep, row.ep.token_ids[-1]
+    text = tokenizer.decode(ep.token_ids[row.turn_start :], skip_special_tokens=True)
+    ep.messages.append({"role": "assistant", "content": text})
+    step = tool_env.env_step(ep.messages, tools, cfg.max_tool_calls, truncated=not stopped)
+    if step.done:
+        ep.end_reason = step.reason
+        return False
+    ep.messages.append(step.message)
+    glue = chat_glue(tokenizer, step.message)
+    if last == tokenizer.eos_token_id and glue[:1] == [last]:
+        glue = glue[1:]  # the model already closed its turn
+    _extend(ep, glue)
+    row.feed, row.parked = [last] + glue, True
+    row.turn, row.turn_start = row.turn + 1, len(ep.token_ids)
+    return True
+
+
+def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: RolloutConfig) -> bool:
+    """Append one sampled token; end the turn at </tool>, </answer>, EOS or the turn's
+    token budget. Returns whether the episode goes on."""
+    ep = row.ep
+    row.n_sampled += 1
+    _extend(ep, [tok], row.turn, logp)
+    row.feed = [tok]
+    tail = tokenizer.decode(ep.token_ids[max(row.turn_start, len(ep.token_ids) - 8) :])
+    stopped = tok == tokenizer.eos_token_id or any(s in tail for s in STOP_STRINGS)
+    if not stopped and len(ep.token_ids) - row.turn_start < cfg.max_turn_tokens:
+        return True
+    return _end_turn(row, tokenizer, tools, cfg, stopped)
+
+
+@no_dropout
+@torch.inference_mode()
+def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size: int, cfg: RolloutConfig,
+                    generator: torch.Generator | None = None, force: list[list[int]] | None = None) -> list[Episode]:
+    """Roll out `group_size` episodes for each row ({"question_id", "question",
+    "answer": {"aliases"}}), all in one batch with one KV cache (DecodeBatch).
+
+    Each step feeds every live row its newest tokens and samples one token per row.
+    Each distinct prompt is prefilled once and its cache copied to its G rollouts;
+    only the last position's logits are computed (the vocabulary projection of a whole
+    prompt would dominate the cost). Finished episodes leave the batch and the cache.
+    Log-probs are of the tempered, untruncated distribution (log_softmax(logits / T),
+    T = 1 for greedy), as the training pass computes them.
+
+    force: optional teacher forcing, one list of token ids per episode; episode i's
+    first len(force[i]) sampled tokens are taken from it instead of sampled (their
+    log-probs still come from the model). Used by tests and to replay trajectories.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, live = [], []
+    for row in rows:
+        msgs = tool_env.initial_messages(row["question"], tools, fewshot=cfg.fewshot)
+        prompts.append(prompt_ids(tokenizer, msgs))
+        for _ in range(group_size):
+            ep = Episode(row["question_id"], row["question"], list(row["answer"]["aliases"]), [], [], [], [],
+                         [dict(m) for m in msgs])
+            _extend(ep, prompts[-1])
+            live.append(Row(ep, force=[], turn_start=len(ep.token_ids)))
+    if force is not None:
+        if len(force) != len(live):
+            raise ValueError(f"force has {len(force)} scripts for {len(live)} episodes")
+        for r, f in zip(live, force):
+            r.force = list(f)
+    episodes = [r.ep for r in live]
+    batch = DecodeBatch(model, len(rows), pad)
+    # 1. prefill each distinct prompt once, then copy its cache to its G rollouts
+    logits = batch.forward(prompts).repeat_interleave(group_size, dim=0)
+    batch.repeat(group_size)
+    logT = cfg.temperature if cfg.temperature > 0 else 1.0
+    while live:
+        # 2. sample one token per row (or take the forced one)
+        tokens = _sample(logits, cfg.temperature, cfg.top_k, generator)
+        for r, row in enumerate(live):
+            if row.n_sampled < len(row.force):
+                tokens[r] = row.force[row.n_sampled]
+        logps = torch.log_softmax(logits / logT, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        # 3. record it; at the end of a turn the environment ends the episode or answers.
+        # A parked row was fed a hole: its logits mean nothing, it records nothing.
+        keep = [r for r, row in enumerate(live)
+                if row.parked or _record(row, int(tokens[r]), float(logps[r]), tokenizer, tools, cfg)]
+        if len(keep) < len(live):
+            batch.keep(keep)
+            live = [live[r] for r in keep]
+        if live:
+            # 4. feed each live row its sampled token. A row whose tool result came back
+            # is parked (fed nothing: a hole) until no row is still decoding; then all
+            # parked rows prefill their results in one forward. Fed as soon as they
+            # arrive, every result would widen that step for the whole batch: rows x
+            # the result's length, where each other row needs one token.
+            if all(row.parked for row in live):
+                for row in live:
+                    row.parked = False
+            logits = batch.forward([[] if row.parked else row.feed for row in live])
+    return episodes
+
+
+def score_episodes(episodes: list[Episode]) -> None:
+    """Fill R^T, R^O and their components' scores on each episode (rewards.py)."""
+    for ep in episodes:
+        ep.turn_reward, t_parts = rewards.turn_reward(ep.messages, ep.aliases)
+        ep.outcome_reward, o_parts = rewards.outcome_reward(ep.messages, ep.aliases)
+        ep.components = {**t_parts, **o_parts}
+
+
+def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:
+    """(tool-call rate, tool-execution success): the fraction of episodes that got a
+    tool result, and the mean fraction of successful calls among those episodes."""
+    called = [e for e in episodes if tool_env.tool_results(e.messages)]
+    success = sum(rewards.tool_execution_reward(e.messages) for e in called)
+    return len(called) / len(episodes), success / max(len(called), 1)

@@ -1,0 +1,67 @@
+"""report.py: the results table and the plot data over train.py logs."""
+
+import json
+
+import pytest
+
+import report
+
+
+def _write_log(run, rows):
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _eval(step, em, tool, **extra):
+    m = {"tool_call_rate": tool, "tool_success": 1.0, "search_has_answer": 0.5, "exact_match": em,
+         "contains_answer": em, "format": 0.5}
+    return {"step": step, "eval_split": "test", **{f"eval_{k}": v for k, v in m.items()}, **extra}
+
+
+def test_plot_data_is_the_mean_and_range_over_seeds(tmp_path):
+    # two seeds of one method, training rollouts only: tool-call rate smoothed over 2 steps
+    _write_log(tmp_path / "m-s0", [{"step": i + 1, "tool_call_rate": v, "R_T": 0.1, "R_O": 0.2} for i, v in enumerate([0.0, 0.2, 0.4])])
+    _write_log(tmp_path / "m-s1", [{"step": i + 1, "tool_call_rate": v, "R_T": 0.3, "R_O": 0.2} for i, v in enumerate([0.2, 0.2, 0.8])])
+    runs = [str(tmp_path / "m-s0"), str(tmp_path / "m-s1")]
+    panels = {title: (held_out, lines) for title, held_out, lines in report.plot_data(runs, smooth=2)}
+    held_out, lines = panels["tool-call rate (training rollouts)"]
+    steps, mean, lo, hi = lines["m (n=2)"]
+    assert not held_out and steps == [1, 2, 3]
+    # smoothed: seed 0 [0, 0.1, 0.3], seed 1 [0.2, 0.2, 0.5]
+    assert mean == pytest.approx([0.1, 0.15, 0.4]) and lo == pytest.approx([0.0, 0.1, 0.3]) and hi == pytest.approx([0.2, 0.2, 0.5])
+    steps, mean, lo, hi = panels["R^T (training rollouts)"][1]["m (n=2)"]
+    assert mean == pytest.approx([0.2] * 3) and lo == pytest.approx([0.1] * 3) and hi == pytest.approx([0.3] * 3)
+    assert panels["exact match (training rollouts)"][1]["m (n=2)"][0] == []  # never logged: an empty line
+    # held-out evaluations win over training rollouts, unsmoothed, titled by their split
+    _write_log(tmp_path / "e-s0", [_eval(0, 0.1, 0.2), {"step": 1, "tool_call_rate": 0.9}, _eval(2, 0.3, 0.8)])
+    panels = {title: (held_out, lines) for title, held_out, lines in report.plot_data([str(tmp_path / "e-s0")])}
+    held_out, lines = panels["tool-call rate (test)"]
+    assert held_out and lines["e (n=1)"] == ([0, 2], [0.2, 0.8], [0.2, 0.8], [0.2, 0.8])
+    out = report.plot_runs(runs, str(tmp_path / "curves.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no log.jsonl"):
+        report.plot_runs([str(tmp_path)], str(tmp_path / "x.png"))
+
+
+def test_seed_grouping_and_results_table(tmp_path):
+    assert report.run_label("results/runs/mt-grpo-s0/") == "mt-grpo"
+    assert report.run_label("grpo-or_seed12") == "grpo-or"
+    assert report.run_label("lr1e-5") == "lr1e-5"
+    train = {"R_T": 0.0, "R_O": 0.0, "time_sample": 30.0, "time_score": 0.0, "time_update": 60.0}
+    # two seeds of one method, one of another; seed 1 has an extra step-1 evaluation
+    _write_log(tmp_path / "mt-s0", [_eval(0, 0.1, 0.2, time_eval=30.0), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.3, 0.8, time_eval=30.0)}])
+    _write_log(tmp_path / "mt-s1", [_eval(0, 0.1, 0.2), {"step": 1, **train, **_eval(1, 0.0, 0.0)}, {"step": 2, **train, **_eval(2, 0.5, 1.0)}])
+    _write_log(tmp_path / "or-s0", [_eval(0, 0.1, 0.2), {"step": 1, **train}, {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
+    runs = [str(tmp_path / n) for n in ("mt-s0", "mt-s1", "or-s0")]
+    steps, mean, lo, hi = report.across_seeds(report.group_runs(runs)["mt"], "eval_exact_match")
+    assert steps == [0, 2]  # step 1 was evaluated in one seed only
+    assert mean == pytest.approx([0.1, 0.4]) and lo == [0.1, 0.3] and hi == [0.1, 0.5]
+    lines = report.results_table(runs).splitlines()
+    assert lines[2] == "| base model | 3 | 0 | 0.200 | 1.000 | 0.500 | 0.100 | 0.100 | 0.500 | - |"
+    # mt: mean of 0.8 and 1.0 tool calls, of 0.3 and 0.5 EM; wall time (30+60)*2 + 2*30 s = 4 min for seed 0, 3 min for seed 1
+    assert lines[3] == "| mt | 2 | 2 | 0.900 (0.800-1.000) | 1.000 | 0.500 | 0.400 (0.300-0.500) | 0.400 (0.300-0.500) | 0.500 | 3.5 min |"
+    assert lines[4] == "| or | 1 | 2 | 0.000 | 1.000 | 0.500 | 0.200 | 0.200 | 0.500 | 3.0 min |"
+    _write_log(tmp_path / "late-s0", [_eval(0, 0.1, 0.2), {"step": 3, **train, **_eval(3, 0.2, 0.0)}])
+    _write_log(tmp_path / "late-s1", [_eval(0, 0.1, 0.2), {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
+    with pytest.raises(ValueError, match="different steps"):
+        report.results_table([str(tmp_path / "late-s0"), str(tmp_path / "late-s1")])
