@@ -1,10 +1,31 @@
-"""Fixtures shared by the test files: the embedded model's tokenizer and tiny random
-models with that tokenizer (fast stand-ins for the real model)."""
+"""Fixtures shared by the test files: the embedded model's tokenizer, tiny random
+models with that tokenizer (fast stand-ins for the real model), a small search corpus
+and its tools, and a chat builder for crafted episodes."""
 
 import pytest
 import torch
 
 import mtgrpo
+import tool_env
+
+CORPUS = [
+    {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N, 31 15 E"},
+    {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m; lowest point: Qattara Depression -133 m"},
+    {"title": "Chad - Government - Capital", "text": "name: N'Djamena"},
+    {"title": "Peru - People and Society - Major urban areas - population", "text": "11.2 million LIMA (capital)"},
+]
+
+
+def chat(*turns: str, question: str = "q") -> list[dict]:
+    """An episode's messages: system, the question, then assistant and environment
+    (user) messages alternately."""
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": f"{tool_env.QUESTION_PREFIX} {question}"}]
+    return msgs + [{"role": "assistant" if i % 2 == 0 else "user", "content": t} for i, t in enumerate(turns)]
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return tool_env.make_tools(CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -396,9 +396,10 @@ def load_task(name: str, split: str):
             else:
                 ds = datasets.load_dataset("mandarjoshi/trivia_qa", "rc.nocontext", split=split)
         except FileNotFoundError as e:
-            raise RuntimeError(f"{e}. {TRIVIAQA_HELP}") from None
+            raise ValueError(f"--task {name}: {e}") from None  # a local path: the hub is not involved
         except Exception as e:  # offline hub errors come in many types
-            raise RuntimeError(f"could not load TriviaQA ({type(e).__name__}: {e}). {TRIVIAQA_HELP}") from None
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise RuntimeError(f"could not load TriviaQA ({type(e).__name__}: {first}). {TRIVIAQA_HELP}") from None
         missing = {"question_id", "question", "answer"} - set(ds.column_names)
         if missing:
             raise ValueError(f"{name}: missing TriviaQA columns {sorted(missing)}")
@@ -424,6 +425,8 @@ def load_task(name: str, split: str):
 def default_corpus(task: str, corpus: str | None = None) -> str:
     """The search corpus for a task: `corpus` if given, else "factbook" for the
     factbook task; TriviaQA has no embedded corpus, so it must be given."""
+    if task != "factbook" and task != "triviaqa" and not task.startswith("triviaqa:"):
+        raise ValueError(f"unknown task {task!r}; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'")
     if corpus:
         return corpus
     if task == "factbook":

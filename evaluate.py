@@ -80,6 +80,15 @@ def write_eval(prefix: str, summary: dict, trajectories: list[dict]) -> None:
             f.write(json.dumps(t, ensure_ascii=False) + "\n")
 
 
+def check_writable(path: str) -> None:
+    """Exit with one line now if `path` cannot be written, rather than after the work."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        sys.exit(f"error: cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        sys.exit(f"error: cannot write {path}: permission denied")
+
+
 def resolve_model(name: str) -> str:
     """A run directory stands for its checkpoint."""
     ck = os.path.join(name, "checkpoint")
@@ -123,26 +132,39 @@ def _rgb(a: float, scale: float) -> tuple[int, int, int]:
     return (255, int(255 * (1 + x)), int(255 * (1 + x)))
 
 
-def render(tokenizer, episode: sampler.Episode, adv: torch.Tensor, scale: float | None = None) -> tuple[str, str]:
-    """(ANSI text, HTML page) of one rollout, tokens coloured by advantage; full
-    colour at |A| = scale (default: this rollout's largest |A|)."""
+def question_start(tokenizer, episode: sampler.Episode) -> int:
+    """Index of the first token of the question's message: what precedes it (system
+    prompt, demonstration) is the same in every rollout and rarely worth reading."""
+    q = next(i for i, m in enumerate(episode.messages)
+             if m["role"] == "user" and m["content"] == f"{tool_env.QUESTION_PREFIX} {episode.question}")
+    text = tokenizer.apply_chat_template(episode.messages[:q], tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render(tokenizer, episode: sampler.Episode, adv: torch.Tensor, scale: float | None = None,
+           start: int = 0, colour: bool = True) -> tuple[str, str]:
+    """(terminal text, HTML page) of one rollout, tokens coloured by advantage; full
+    colour at |A| = scale (default: this rollout's largest |A|). The terminal text
+    starts at token `start` and has colour codes only if `colour` (not into a pipe)."""
     scale = scale or float(adv.abs().max()) or 1.0
     ansi, page = [], []
     prev_turn = 0
     for j, tok in enumerate(episode.token_ids):
         piece = tokenizer.decode([tok])
         turn = episode.token_turns[j]
+        shown = j >= start
         if turn and turn != prev_turn:
             label = f"[turn {turn}]"
-            ansi.append(f"\x1b[1;36m{label}\x1b[0m")
+            ansi.append(f"\x1b[1;36m{label}\x1b[0m" if colour else label)
             page.append(f'<span class="label">{label}</span>')
         prev_turn = turn or prev_turn
         if episode.loss_mask[j]:
             r, g, b = _rgb(float(adv[j]), scale)
-            ansi.append(f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{piece}\x1b[0m")
+            ansi.append(f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{piece}\x1b[0m" if colour else piece)
             page.append(f'<span style="background:rgb({r},{g},{b})" title="A={float(adv[j]):+.3f}">{html.escape(piece)}</span>')
         else:
-            ansi.append(f"\x1b[90m{piece}\x1b[0m")
+            if shown:
+                ansi.append(f"\x1b[90m{piece}\x1b[0m" if colour else piece)
             page.append(f'<span class="env">{html.escape(piece)}</span>')
     head = (f"<p>question: {html.escape(episode.question)} | gold: {html.escape(', '.join(episode.aliases))} | "
             f"R^T = {episode.turn_reward:.3f}, R^O = {episode.outcome_reward:.3f}, end: {episode.end_reason}</p>")
@@ -155,14 +177,17 @@ def render(tokenizer, episode: sampler.Episode, adv: torch.Tensor, scale: float 
 def load(args, name: str):
     """(model, tokenizer) in the compute dtype of --precision."""
     device = args.device or mtgrpo.default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA GPU is available (leave --device out to use the CPU)")
     dtype = precision.DTYPES[precision.resolve(args.precision, device)]
-    return mtgrpo.load_model(resolve_model(name), device, dtype)
+    try:
+        return mtgrpo.load_model(resolve_model(name), device, dtype)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
 
 
-def show(args, tools: dict) -> int:
+def show(args, tools: dict, row: dict) -> int:
     model, tok = load(args, args.model[0])
-    rows = data.load_task(args.task, args.split)
-    row = rows[args.index]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     eps = sampler.sample_episodes(model, tok, [row], tools, args.group_size, rollout_config(args.model[0], args), gen)
     sampler.score_episodes(eps)
@@ -172,7 +197,8 @@ def show(args, tools: dict) -> int:
     for r, e in enumerate(eps):
         print(f"rollout {r}: R^T={e.turn_reward:.3f} R^O={e.outcome_reward:.3f} turns={e.num_turns} end={e.end_reason}")
     # one colour scale for the whole group, so rollouts can be compared
-    text, doc = render(tok, eps[best], advs[best], max(float(a.abs().max()) for a in advs))
+    start = 0 if args.full_prompt else question_start(tok, eps[best])
+    text, doc = render(tok, eps[best], advs[best], max(float(a.abs().max()) for a in advs), start, sys.stdout.isatty())
     print(f"\nrollout {best} ({args.method}):\n{text}\n")
     out = args.out + ".html"
     with open(out, "w") as f:
@@ -184,8 +210,17 @@ def show(args, tools: dict) -> int:
 # ----------------------------------------------------------------------------------
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """-h shows every flag's default (argparse's own formatter skips flags without help), none for None."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return (action.help or "") + (" (default: %(default)s)" if shown else "")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Evaluate agents on held-out questions, or show one rollout's credit assignment.")
+    p = argparse.ArgumentParser(description="Evaluate agents on held-out questions, or show one rollout's credit assignment.",
+                                formatter_class=DefaultsHelp)
     p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="models or train.py run directories")
     p.add_argument("--task", default="factbook")
     p.add_argument("--corpus", default=None)
@@ -204,20 +239,26 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="mt-grpo", choices=mtgrpo.METHODS)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--index", type=int, default=0, help="question index for --show")
+    p.add_argument("--full-prompt", action="store_true", help="--show prints the system prompt and demo too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
                    help="weights' dtype for sampling; auto: bf16 where the hardware is fast at it")
     args = p.parse_args(argv)
+    if args.limit < 0 or args.samples < 1 or args.group_size < 2:
+        p.error("--limit must be 0 (all) or more, --samples at least 1, --group-size at least 2")
+    check_writable(args.out + (".html" if args.show else ".json"))  # before the work, not after
     try:
         args.corpus = data.default_corpus(args.task, args.corpus)
         tools = tool_env.make_tools(data.load_corpus(args.corpus))
-    except (ValueError, FileNotFoundError) as e:
+        rows = data.load_task(args.task, args.split)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if args.show:
-        return show(args, tools)
-    rows = data.load_task(args.task, args.split)
-    rows = [rows[i] for i in range(len(rows) if args.limit <= 0 else min(args.limit, len(rows)))]
+        if not 0 <= args.index < len(rows):
+            sys.exit(f"error: --index {args.index}: the {args.split} split has questions 0 to {len(rows) - 1}")
+        return show(args, tools, rows[args.index])
+    rows = [rows[i] for i in range(len(rows) if args.limit == 0 else min(args.limit, len(rows)))]
     results, trajectories = {}, []
     for name in args.model:
         model, tok = load(args, name)

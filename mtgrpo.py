@@ -47,14 +47,23 @@ def load_model(name_or_path: str = "smollm2-135m", device: str | None = None, dt
 
     device = device or default_device()
     path = _embedded_path(name_or_path) if name_or_path in EMBEDDED else name_or_path
+    # a Hugging Face id is NAME or ORG/NAME; anything else is meant as a folder
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or path.strip("/").count("/") > 1
+    if looks_local and not os.path.isdir(path):
+        raise RuntimeError(f"model {name_or_path!r}: no such folder")
+    if looks_local and not os.path.exists(os.path.join(path, "config.json")):
+        raise RuntimeError(f"model {name_or_path!r}: the folder holds no model (no config.json); "
+                           "a train.py run has one in checkpoint/ after its first save")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise RuntimeError(
-            f"could not load model {name_or_path!r}: {e}\n"
-            "Pass 'smollm2-135m' (embedded), a local folder, or a Hugging Face id that is in the local cache."
-        ) from None
+    except Exception as e:  # offline hub, corrupt or truncated files, unknown architecture...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeError(f"could not load model {name_or_path!r}: {first} "
+                           "(pass 'smollm2-135m', a model folder, or a Hugging Face id in the local cache; "
+                           "a corrupt checkpoint must be deleted)") from None
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise RuntimeError(f"model {name_or_path!r} has no chat template: use a chat/instruct model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only used as a filler; masks come from lengths
     return model.to(device), tokenizer

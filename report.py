@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="markdown table of these runs' evaluations, to OUT.md")
     p.add_argument("--out", default="report", help="output path prefix (OUT.md, OUT.png)")
     args = p.parse_args(argv)
+    args.out = re.sub(r"\.(png|md)$", "", args.out)  # a prefix: "--out curves.png" means curves.png, not curves.png.png
     if not (args.plot or args.table):
         p.error("nothing to do: give --table and/or --plot with run directories")
     try:

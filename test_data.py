@@ -161,7 +161,7 @@ def test_triviaqa_local_fixture():
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    with pytest.raises(RuntimeError, match="no test.jsonl"):
+    with pytest.raises(ValueError, match="no test.jsonl"):
         data.load_task(f"triviaqa:{FIXTURE}", "test")
     with pytest.raises(ValueError, match="unknown task 'squad'"):
         data.load_task("squad", "train")

@@ -4,6 +4,7 @@ checkpoint/resume, and one end-to-end step with the real embedded model."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -18,17 +19,6 @@ Q = [
     {"question_id": "q1", "question": "What is the capital of Egypt?", "answer": {"aliases": ["Cairo"]}},
     {"question_id": "q2", "question": "What is the highest point in Egypt?", "answer": {"aliases": ["Mount Catherine"]}},
 ]
-CORPUS = [
-    {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N, 31 15 E"},
-    {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m; lowest point: Qattara Depression -133 m"},
-]
-
-
-@pytest.fixture(scope="module")
-def tools():
-    return tool_env.make_tools(CORPUS)
-
-
 # ------------------------------------------------------------------ advantages
 
 def test_advantages_two_groups_hand_computed():
@@ -454,8 +444,19 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     out = capsys.readouterr().out  # the run ends with the held-out table: before (step 0) and after (step 3)
     assert "before and after training" in out and "step 0 " in out and "step 3 " in out
     assert train.main(train_args(path, tmp_path / "cut", 2)) == 0
-    # "crash" after step 2: resume to step 3
+    # "crash" after step 2, in the worst places: between save_checkpoint's two renames
+    # (only checkpoint.old and a half checkpoint.tmp left) and while writing a log line
+    cut_dir = tmp_path / "cut"
+    os.replace(cut_dir / "checkpoint", cut_dir / "checkpoint.old")
+    (cut_dir / "checkpoint.tmp").mkdir()
+    with open(cut_dir / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "tool_execu')
+    # a changed setting is refused, naming it (the old optimizer state would keep the old lr)
+    with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.01"):
+        train.main(train_args(path, cut_dir, 3, ["--resume", "--lr", "1e-2"]))
+    # resume to step 3 (--steps may change)
     assert train.main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
+    assert not (cut_dir / "checkpoint.old").exists() and not (cut_dir / "checkpoint.tmp").exists()
     full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
     # step 0: the evaluation before training, logged once (not again on --resume)
     assert [r["step"] for r in cut] == [0, 1, 2, 3]
@@ -476,9 +477,39 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "checkpoint")
+    # its model card: the held-out evaluations and a command that gives back the run's settings
+    card = (cut_dir / "checkpoint" / "README.md").read_text()
+    assert "for 3 of 3 steps" in card and "| 0 | " in card and "| 3 | " in card
+    command = card.strip().splitlines()[-1].split()
+    assert command[:2] == ["python", "train.py"]
+    expected = {**vars(train.parse_args(train_args(path, cut_dir, 3))), "device": None}
+    assert vars(train.parse_args(command[2:] + ["--output-dir", str(cut_dir)])) == expected
     # a finished run is not silently overwritten
     with pytest.raises(SystemExit, match="already has a run"):
         train.main(train_args(path, tmp_path / "cut", 3))
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, monkeypatch, capsys):
+    _, path = tiny
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
+    out = tmp_path / "run"
+    (out / "evals").mkdir(parents=True)  # what a kill during step 1 leaves: the step-0 evaluation, no checkpoint
+    (out / "log.jsonl").write_text('{"step": 0, "eval_exact_match": 0.5}\n')
+    (out / "evals" / "step0000.json").write_text("{}")
+    for extra in ([], ["--resume"]):  # a plain rerun and --resume both start over
+        assert train.main(train_args(path, out, 1, extra)) == 0
+        assert "starting over" in capsys.readouterr().out
+        assert [r["step"] for r in read_log(out)] == [0, 1] and read_log(out)[0]["eval_exact_match"] != 0.5
+        shutil.rmtree(out / "checkpoint")  # back to "no checkpoint" for the next round
+    # --log tensorboard: the same scalars to OUTPUT_DIR/tb, or one clear line without the package
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            train.main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"]))
+    else:
+        assert train.main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"])) == 0
+        assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb" / "tb"))
 
 
 def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
@@ -561,8 +592,8 @@ def test_train_cli_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--group-size", "1"])
     assert "--group-size must be at least 2" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        train.main(["--resume", "--output-dir", str(tmp_path / "none")])
+    # --resume where nothing was saved yet starts the run (a driver can always pass --resume)
+    assert train.prepare_output_dir(train.parse_args(["--resume", "--output-dir", str(tmp_path / "none")])) is None
 
 
 def test_questions_for_step_is_a_seeded_permutation():
@@ -653,3 +684,9 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     # every sampled token is coloured, every other token is grey
     assert page.count("<span style=") == sum(eps[0].loss_mask)
     assert page.count('class="env"') == len(eps[0].token_ids) - sum(eps[0].loss_mask)
+    # the terminal text starts at the question and, into a pipe, has no colour codes
+    start = evaluate.question_start(tokenizer, eps[0])
+    plain, _ = evaluate.render(tokenizer, eps[0], advs[0], start=start, colour=False)
+    assert plain.lstrip().startswith("<|im_start|>user\nQuestion: What is the capital of Egypt?")
+    assert "\x1b[" not in plain and "You answer questions" not in plain and "[turn 1]" in plain
+    assert "You" in ansi and "system" in ansi  # the full text has the system prompt

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import chat
 from rewards import (
     _format_score,
     _xml_score,
@@ -25,10 +26,7 @@ ERROR_RESULT = "<result>\nError: invalid JSON inside <tool>: Expecting value at 
 
 
 def episode(*turns):
-    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Question: highest point in Egypt?"}]
-    for i, t in enumerate(turns):
-        msgs.append({"role": "assistant" if i % 2 == 0 else "user", "content": t})
-    return msgs
+    return chat(*turns, question="highest point in Egypt?")
 
 
 def answer(a):

@@ -5,24 +5,12 @@ import json
 import pytest
 
 import tool_env
+from conftest import chat
 from tool_env import env_step, parse_tool_call, run_tool_call
 
 
 def good_call(query="capital of Egypt", **extra):
     return f'<reasoning>look it up</reasoning>\n<tool>{json.dumps({"name": "wiki_search", "args": {"query": query, **extra}})}</tool>'
-
-
-CORPUS = [
-    {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N"},
-    {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m"},
-    {"title": "Chad - Government - Capital", "text": "name: N'Djamena"},
-    {"title": "Peru - People and Society - Major urban areas - population", "text": "11.2 million LIMA (capital)"},
-]
-
-
-@pytest.fixture(scope="module")
-def tools():
-    return tool_env.make_tools(CORPUS)
 
 
 # ------------------------------------------------------------------ parse_tool_call
@@ -144,11 +132,7 @@ def test_system_prompt_renders_tools_and_tags(tools):
 
 # ------------------------------------------------------------------ episode rules
 
-def convo(*assistant_and_env):
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "Question: q"}]
-    for i, c in enumerate(assistant_and_env):
-        msgs.append({"role": "assistant" if i % 2 == 0 else "user", "content": c})
-    return msgs
+convo = chat
 
 
 def test_env_step_rules(tools):

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -60,8 +61,28 @@ class UpdateConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """-h shows every flag's default (argparse's own formatter skips flags without help), none for None."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return (action.help or "") + (" (default: %(default)s)" if shown else "")
+
+
+def _numbers_as_values(argv: list[str]) -> list[str]:
+    """argparse takes "-1e-4" after a flag for another flag ("expected one argument"):
+    glue such negative numbers to their flag ("--lr=-1e-4") so the checks below see them."""
+    out = []
+    for tok in argv:
+        if out and re.fullmatch(r"-\d[\d.]*([eE][-+]?\d+)?", tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] += "=" + tok
+        else:
+            out.append(tok)
+    return out
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
     a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
@@ -100,11 +121,13 @@ def parse_args(argv=None):
     a("--eval-questions", type=int, default=32, help="N questions of --eval-split, spread evenly over it (0: all)")
     a("--save-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    a("--log", default="jsonl", choices=("jsonl", "tensorboard"),
+      help="OUTPUT_DIR/log.jsonl always; tensorboard: the same scalars to OUTPUT_DIR/tb too (pip install tensorboard)")
     a("--device", default=None)
     a("--precision", default="auto", choices=precision.PRECISIONS,
       help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
     a("--tis-cap", type=float, default=U.tis_cap, help="cap C of the truncated importance-sampling weight (0: off)")
-    args = p.parse_args(argv)
+    args = p.parse_args(_numbers_as_values(sys.argv[1:] if argv is None else list(argv)))
     if args.fewshot is None:
         args.fewshot = args.model in mtgrpo.EMBEDDED
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
@@ -114,8 +137,11 @@ def parse_args(argv=None):
         p.error("--eval-questions and --eval-every must be 0 or more")
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages are relative to the group")
-    if args.lr <= 0 or args.temperature < 0 or args.eps <= 0 or args.beta < 0:
-        p.error("--lr and --eps must be positive, --temperature and --beta non-negative")
+    if args.lr <= 0 or args.eps <= 0 or args.beta < 0:
+        p.error("--lr and --eps must be positive, --beta non-negative")
+    if args.temperature <= 0:
+        p.error("--temperature must be positive: at 0 all G rollouts of a question are identical, "
+                "so every advantage is 0 and nothing is learned")
     return args
 
 
@@ -277,12 +303,50 @@ def save_checkpoint(out_dir, master, tokenizer, optimizer, scheduler, generator,
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(args, step, os.path.join(out_dir, "log.jsonl")))
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(args, step: int, log_path: str) -> str:
+    """The checkpoint's README.md: what this model is, how it was made, how it scores."""
+    evals = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "eval_exact_match" in rec and rec["step"] <= step:
+                    evals.append(rec)
+    rows = "".join(f"| {r['step']} | {r['eval_tool_success']:.3f} | {r['eval_search_has_answer']:.3f} | "
+                   f"{r['eval_exact_match']:.3f} |\n" for r in evals[:1] + evals[-1:] if evals)
+    table = ("| step | tool success | search has answer | exact match |\n| ---: | ---: | ---: | ---: |\n" + rows
+             if rows else "No held-out evaluation was logged (--eval-every 0).\n")
+    split = f"{evals[-1]['eval_split']} split, {evals[-1]['eval_episodes']} questions, greedy" if evals else ""
+    flags = []
+    for k, v in vars(args).items():
+        name = "--" + k.replace("_", "-")
+        if v is None or k in ("resume", "output_dir", "device"):
+            continue
+        if isinstance(v, bool):  # store_true flags, and --[no-]fewshot
+            flags += [name] if v else ["--no-fewshot"] if k == "fewshot" else []
+        else:
+            flags += [name, str(v)]
+    flags = " ".join(flags)
+    return (f"# {os.path.basename(os.path.normpath(args.output_dir))}: {args.model} trained with {args.method}\n\n"
+            f"A tool-using agent (search, then answer) trained with mtgrpo's `train.py` for {step} of "
+            f"{args.steps} steps, from `{args.model}` on the `{args.task}` task. Load it with "
+            f"`AutoModelForCausalLM.from_pretrained` on this folder; `python chat.py --model RUN_DIR` "
+            f"talks to it. `trainer_state.pt` (optimizer, RNG) is only for `--resume`.\n\n"
+            f"Held-out evaluation ({split}), before training and at the latest evaluation:\n\n{table}\n"
+            f"Made with:\n\n    python train.py {flags}\n")
 
 
 def save_model(master, folder) -> None:
@@ -298,41 +362,92 @@ def save_model(master, folder) -> None:
         json.dump(cfg, f, indent=2)
 
 
+def open_board(args):
+    """A TensorBoard writer for --log tensorboard (an optional dependency), else None."""
+    if args.log != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        sys.exit("error: --log tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+
+# Flags a resumed run may change; any other difference from the checkpoint's config is
+# refused (the optimizer state, the RNG streams and the log all assume the old values).
+RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "device", "resume", "output_dir", "log"}
+
+
+def prepare_output_dir(args) -> dict | None:
+    """Decide how a run starts, so that a kill at any moment leaves a run that the same
+    command with --resume continues (or that a plain rerun restarts when nothing was
+    saved yet). Returns the checkpoint's trainer state to resume from, or None."""
+    out = args.output_dir
+    ckpt, old = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(ckpt) and os.path.isdir(old):
+            os.replace(old, ckpt)  # killed between save_checkpoint's two renames: the old one is whole
+        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)  # a save that did not finish
+        probe = os.path.join(out, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: cannot write to --output-dir {out}: {e.strerror}")
+    has_ckpt = os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    if not has_ckpt:
+        if os.path.exists(os.path.join(out, "log.jsonl")):
+            # killed before its first checkpoint: nothing to resume, so start over
+            print(f"note: {out} has a log but no checkpoint (stopped before its first save): starting over")
+            for name in ("log.jsonl", "config.json", "evals"):
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        return None
+    if not args.resume:
+        sys.exit(f"error: {out} already has a run; pass --resume to continue it or choose another --output-dir")
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    except Exception as e:  # a truncated or corrupt file: say which, and what to do
+        sys.exit(f"error: {ckpt}/trainer_state.pt is unreadable ({type(e).__name__}); delete {ckpt} to restart the run")
+    saved, now = state["config"], vars(args)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in now
+               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if changed:
+        sys.exit(f"error: --resume with settings that differ from the checkpoint: {', '.join(changed)}. "
+                 f"Only --steps, --eval-every, --save-every, --device and --log may change; use a new --output-dir for the rest")
+    return state
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
     ckpt = os.path.join(args.output_dir, "checkpoint")
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    state = None
-    if args.resume:
-        if not os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-            sys.exit(f"error: --resume: no checkpoint in {ckpt}")
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        saved = state["config"]
-        for key in ("method", "task", "group_size", "questions_per_step", "seed", "lr", "mu"):
-            if saved.get(key) != getattr(args, key):
-                print(f"warning: --{key.replace('_', '-')} differs from the checkpoint ({saved.get(key)} -> {getattr(args, key)})")
-    elif os.path.exists(log_path):
-        sys.exit(f"error: {args.output_dir} already has a run; pass --resume to continue it or choose another --output-dir")
-
+    try:  # the data first: a wrong --task, --corpus or split fails in a second, before any model is loaded
+        corpus = data.default_corpus(args.task, args.corpus)  # checks --task too
+        train_rows = data.load_task(args.task, "train")
+        held_out = data.load_task(args.task, args.eval_split) if args.eval_every else None
+        tools = tool_env.make_tools(data.load_corpus(corpus), args.search_chars)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if len(train_rows) == 0:
+        sys.exit(f"error: task {args.task!r} has no training questions")
+    state = prepare_output_dir(args)
+    board = open_board(args)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device or mtgrpo.default_device()
     prec = precision.resolve(args.precision, device)
-    model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)  # float32
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA GPU is available (leave --device out to use the CPU)")
+    try:
+        model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)  # float32
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
     ref_model = None
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
         ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
     master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
-    train_rows = data.load_task(args.task, "train")
-    if len(train_rows) == 0:
-        sys.exit(f"error: task {args.task!r} has no training questions")
-    try:
-        corpus = data.load_corpus(data.default_corpus(args.task, args.corpus))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    tools = tool_env.make_tools(corpus, args.search_chars)
 
     optimizer = make_optimizer(master.params, args.lr)
     warm = max(args.warmup_steps, 0)
@@ -349,9 +464,8 @@ def main(argv=None) -> int:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
         _truncate_log(log_path, start)  # drop lines of steps after the checkpoint
-    else:
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "resolved_precision": prec}, f, indent=2)
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:  # on resume: the new --steps etc.
+        json.dump({**vars(args), "resolved_precision": prec}, f, indent=2)
 
     # config.json holds these configs' fields under the same names (the flags')
     rollout, update_cfg = sampler.RolloutConfig.from_dict(vars(args)), UpdateConfig.from_dict(vars(args))
@@ -359,7 +473,6 @@ def main(argv=None) -> int:
     if args.eval_every:
         import evaluate
 
-        held_out = data.load_task(args.task, args.eval_split)
         eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions or len(held_out))]
 
     def run_eval(step: int) -> dict:
@@ -374,10 +487,18 @@ def main(argv=None) -> int:
                              "fewshot": args.fewshot, "results": m}, evaluate.trajectory_records(f"step{step}", eps))
         return {"eval_split": args.eval_split, **{f"eval_{k}": v for k, v in m.items()}, "time_eval": time.time() - t}
 
+    def write_log(rec: dict) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if board:  # the same scalars
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    board.add_scalar(k, v, rec["step"])
+            board.flush()
+
     if eval_rows and start == 0:
         # step 0: the model before any update, the baseline every later evaluation is read against
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
+        write_log({"step": 0, **run_eval(0)})
 
     from tqdm import tqdm
 
@@ -399,8 +520,7 @@ def main(argv=None) -> int:
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
         if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             rec.update(run_eval(step + 1))  # the final model is always evaluated
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        write_log(rec)
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, generator, step + 1, args)
@@ -426,8 +546,14 @@ def before_after(log_path: str, args) -> str:
 def _truncate_log(path, step):
     if not os.path.exists(path):
         return
+    lines = []
     with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut off by a kill
     with open(path, "w") as f:
         f.writelines(lines)
 

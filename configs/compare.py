@@ -13,10 +13,9 @@ rebuilds the table (results/compare.md) and the plot (results/compare.png).
     python configs/compare.py --print      # the commands
 """
 
-import argparse
 import sys
 
-from queue_runs import run_all
+import queue_runs
 from sweep import BASE
 
 METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
@@ -33,11 +32,4 @@ def jobs() -> list[tuple[str, list[str]]]:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
-    p.add_argument("--parallel", type=int, default=2)
-    a = p.parse_args()
-    if a.print:
-        print("\n".join("python train.py " + " ".join(args) for _, args in jobs()))
-        sys.exit(0)
-    sys.exit(run_all(jobs(), a.parallel, "results/runs"))
+    sys.exit(queue_runs.main(__doc__, jobs(), "results/runs"))

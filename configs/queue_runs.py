@@ -89,3 +89,17 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, results: str, copy
                 copy_results(flag(args, "--output-dir"), os.path.join(results, name))
             last_copy = time.time()
     return failed
+
+
+def main(doc: str, jobs: list[tuple[str, list[str]]], results: str) -> int:
+    """The command line of a list of runs (configs/sweep.py, configs/compare.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
+    p.add_argument("--parallel", type=int, default=2, help="runs side by side, one thread each")
+    a = p.parse_args()
+    if a.print:
+        print("\n".join("python train.py " + " ".join(args) for _, args in jobs))
+        return 0
+    return run_all(jobs, a.parallel, results)

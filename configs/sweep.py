@@ -9,10 +9,9 @@ steps. Swept: the learning rate (1e-5, 3e-5, 1e-4) and the sampling temperature
     python configs/sweep.py --print      # the commands
 """
 
-import argparse
 import sys
 
-from queue_runs import run_all
+import queue_runs
 
 # What every run of the sweep and of the comparison shares (the comparison adds
 # --steps, --seed, --method and test-split evaluation). 2 questions per step, not 4: the
@@ -33,11 +32,4 @@ def jobs() -> list[tuple[str, list[str]]]:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
-    p.add_argument("--parallel", type=int, default=2)
-    a = p.parse_args()
-    if a.print:
-        print("\n".join("python train.py " + " ".join(args) for _, args in jobs()))
-        sys.exit(0)
-    sys.exit(run_all(jobs(), a.parallel, "results/sweep"))
+    sys.exit(queue_runs.main(__doc__, jobs(), "results/sweep"))
