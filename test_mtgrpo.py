@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import mtgrpo
 import precision
 import sampler
@@ -593,7 +594,7 @@ def test_train_cli_rejects_bad_flags(tmp_path, capsys):
         train.parse_args(["--group-size", "1"])
     assert "--group-size must be at least 2" in capsys.readouterr().err
     # --resume where nothing was saved yet starts the run (a driver can always pass --resume)
-    assert train.prepare_output_dir(train.parse_args(["--resume", "--output-dir", str(tmp_path / "none")])) is None
+    assert checkpoint.prepare_output_dir(train.parse_args(["--resume", "--output-dir", str(tmp_path / "none")])) is None
 
 
 def test_questions_for_step_is_a_seeded_permutation():

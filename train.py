@@ -6,8 +6,15 @@ the rewards into per-token advantages (mtgrpo.compute_advantages), then take `--
 AdamW steps on the clipped loss (mtgrpo.policy_loss), with gradient accumulation
 over micro-batches of at most `--micro-batch-tokens` padded tokens.
 
-Simplifications against the paper's setup (docs/paper.md §6): one process, one device, no
-vLLM or DeepSpeed; sampling uses the training model itself with a KV cache.
+Simplifications against the paper's setup (docs/paper.md §6): no vLLM or DeepSpeed;
+sampling uses the training model itself with a KV cache. Several processes (torchrun,
+one per GPU, or gloo on CPU) each sample and score their share of a step's questions (a
+question's G rollouts stay in one process, so group statistics need no communication),
+and their float32 gradients are summed once per optimizer step (see update); every
+process holds the whole model and optimizer state; rank 0 writes logs, evaluations and
+checkpoints.
+
+    torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
 
     python train.py                                   # CPU-sized defaults, embedded model, factbook
     python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
@@ -27,14 +34,15 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+import checkpoint
 import data
 import mtgrpo
 import precision
@@ -172,6 +180,7 @@ def episode_stats(episodes: list[sampler.Episode]) -> dict:
     """Means of every reward component and the tool-use rates of a batch."""
     n = len(episodes)
     stats = {k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}
+    stats["episodes"] = n
     stats["R_T"] = sum(e.turn_reward for e in episodes) / n
     stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
     stats["tool_call_rate"], stats["tool_success"] = sampler.tool_use_rates(episodes)
@@ -198,7 +207,9 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     device = next(model.parameters()).device
     # the most tokens an episode may sample: max_tool_calls + 1 turns (Dr. GRPO's constant)
     max_sampled = rollout.max_turn_tokens * (rollout.max_tool_calls + 1)
-    normalizer = mtgrpo.loss_normalizer(cfg.aggregation, [e.loss_mask for e in episodes], max_sampled)
+    # over the episodes of every process: each process's loss is a share of one global mean
+    all_masks = [m for masks in gather([e.loss_mask for e in episodes]) for m in masks]
+    normalizer = mtgrpo.loss_normalizer(cfg.aggregation, all_masks, max_sampled)
     # With beta = 0, an episode whose advantages are all 0 adds exactly 0 to the
     # gradient (the normalizer above still counts its tokens): skip its passes.
     # Early in training most groups have equal rewards, so this saves a lot.
@@ -251,6 +262,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
                 tok_sum += n_tok
             prefix.backward()  # the group's prompt: its gradient, once
             master.collect_grads()
+        sum_gradients(master.params)
         totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip))
         optimizer.step()
         master.push()
@@ -286,136 +298,57 @@ def mean_adv_per_turn(advantages, episodes) -> dict:
 
 
 # ----------------------------------------------------------------------------------
-# Checkpoints
+# Several processes (torchrun)
 
 
-def save_checkpoint(out_dir, master, tokenizer, optimizer, scheduler, generator, step, args):
-    """model (its float32 master weights, save_pretrained) + tokenizer + trainer state,
-    into a temp folder that then replaces OUTPUT_DIR/checkpoint, so a kill never leaves
-    a half checkpoint."""
-    final = os.path.join(out_dir, "checkpoint")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(master, tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({
-        "step": step, "config": vars(args), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }, os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(args, step, os.path.join(out_dir, "log.jsonl")))
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+def world() -> tuple[int, int]:
+    """(rank, number of processes): torchrun's, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def model_card(args, step: int, log_path: str) -> str:
-    """The checkpoint's README.md: what this model is, how it was made, how it scores."""
-    evals = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "eval_exact_match" in rec and rec["step"] <= step:
-                    evals.append(rec)
-    rows = "".join(f"| {r['step']} | {r['eval_tool_success']:.3f} | {r['eval_search_has_answer']:.3f} | "
-                   f"{r['eval_exact_match']:.3f} |\n" for r in evals[:1] + evals[-1:] if evals)
-    table = ("| step | tool success | search has answer | exact match |\n| ---: | ---: | ---: | ---: |\n" + rows
-             if rows else "No held-out evaluation was logged (--eval-every 0).\n")
-    split = f"{evals[-1]['eval_split']} split, {evals[-1]['eval_episodes']} questions, greedy" if evals else ""
-    flags = []
-    for k, v in vars(args).items():
-        name = "--" + k.replace("_", "-")
-        if v is None or k in ("resume", "output_dir", "device"):
-            continue
-        if isinstance(v, bool):  # store_true flags, and --[no-]fewshot
-            flags += [name] if v else ["--no-fewshot"] if k == "fewshot" else []
-        else:
-            flags += [name, str(v)]
-    flags = " ".join(flags)
-    return (f"# {os.path.basename(os.path.normpath(args.output_dir))}: {args.model} trained with {args.method}\n\n"
-            f"A tool-using agent (search, then answer) trained with mtgrpo's `train.py` for {step} of "
-            f"{args.steps} steps, from `{args.model}` on the `{args.task}` task. Load it with "
-            f"`AutoModelForCausalLM.from_pretrained` on this folder; `python chat.py --model RUN_DIR` "
-            f"talks to it. `trainer_state.pt` (optimizer, RNG) is only for `--resume`.\n\n"
-            f"Held-out evaluation ({split}), before training and at the latest evaluation:\n\n{table}\n"
-            f"Made with:\n\n    python train.py {flags}\n")
+def gather(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] with one process)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def save_model(master, folder) -> None:
-    """save_pretrained with the float32 master weights. save_pretrained writes the
-    model's own dtype (bfloat16 in bf16) into config.json, and from_pretrained with
-    dtype="auto" (its default) would then round the weights on load: say float32."""
-    master.model.save_pretrained(folder, state_dict=master.state_dict())
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg["dtype"] = "float32"
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
+def sum_gradients(params) -> None:
+    """Sum the float32 gradients over the processes (each process's loss is already divided
+    by the global normalizer, so the sum is the gradient of the whole batch). One
+    all-reduce per optimizer step, not DDP's per-backward hooks: an update here runs
+    several backward passes (micro-batches and each group's shared prompt) into the float32
+    master gradients, and only their total needs to travel. Parameters no process
+    touched keep grad None, as with one process (AdamW then skips them)."""
+    if world()[1] == 1:
+        return
+    touched = torch.tensor([float(p.grad is not None) for p in params])
+    dist.all_reduce(touched)
+    for p, t in zip(params, touched.tolist()):
+        if t:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
 
 
-def open_board(args):
-    """A TensorBoard writer for --log tensorboard (an optional dependency), else None."""
-    if args.log != "tensorboard":
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        sys.exit("error: --log tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.output_dir, "tb"))
-
-
-# Flags a resumed run may change; any other difference from the checkpoint's config is
-# refused (the optimizer state, the RNG streams and the log all assume the old values).
-RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "device", "resume", "output_dir", "log"}
-
-
-def prepare_output_dir(args) -> dict | None:
-    """Decide how a run starts, so that a kill at any moment leaves a run that the same
-    command with --resume continues (or that a plain rerun restarts when nothing was
-    saved yet). Returns the checkpoint's trainer state to resume from, or None."""
-    out = args.output_dir
-    ckpt, old = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old")
-    try:
-        os.makedirs(out, exist_ok=True)
-        if not os.path.isdir(ckpt) and os.path.isdir(old):
-            os.replace(old, ckpt)  # killed between save_checkpoint's two renames: the old one is whole
-        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)  # a save that did not finish
-        probe = os.path.join(out, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        sys.exit(f"error: cannot write to --output-dir {out}: {e.strerror}")
-    has_ckpt = os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
-    if not has_ckpt:
-        if os.path.exists(os.path.join(out, "log.jsonl")):
-            # killed before its first checkpoint: nothing to resume, so start over
-            print(f"note: {out} has a log but no checkpoint (stopped before its first save): starting over")
-            for name in ("log.jsonl", "config.json", "evals"):
-                path = os.path.join(out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-        return None
-    if not args.resume:
-        sys.exit(f"error: {out} already has a run; pass --resume to continue it or choose another --output-dir")
-    try:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-    except Exception as e:  # a truncated or corrupt file: say which, and what to do
-        sys.exit(f"error: {ckpt}/trainer_state.pt is unreadable ({type(e).__name__}); delete {ckpt} to restart the run")
-    saved, now = state["config"], vars(args)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {now[k]}" for k in now
-               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
-    if changed:
-        sys.exit(f"error: --resume with settings that differ from the checkpoint: {', '.join(changed)}. "
-                 f"Only --steps, --eval-every, --save-every, --device and --log may change; use a new --output-dir for the rest")
-    return state
+def setup_distributed(args) -> tuple[int, int]:
+    """Join torchrun's process group when there is one (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    cuda = (args.device or mtgrpo.default_device()).startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, n = world()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if args.questions_per_step % n:
+        sys.exit(f"error: --questions-per-step {args.questions_per_step} must be a multiple of the {n} processes")
+    return rank, n
 
 
 def main(argv=None) -> int:
@@ -431,8 +364,13 @@ def main(argv=None) -> int:
         sys.exit(f"error: {e}")
     if len(train_rows) == 0:
         sys.exit(f"error: task {args.task!r} has no training questions")
-    state = prepare_output_dir(args)
-    board = open_board(args)
+    rank, n_proc = setup_distributed(args)
+    state = checkpoint.prepare_output_dir(args) if rank == 0 else None  # rank 0 alone touches the folder
+    if n_proc > 1:
+        dist.barrier()
+        if rank > 0 and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
+            state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device or mtgrpo.default_device()
@@ -452,20 +390,21 @@ def main(argv=None) -> int:
     optimizer = make_optimizer(master.params, args.lr)
     warm = max(args.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process samples its own
     start = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rngs = state.get("rng") or [state]  # checkpoints of one process before torchrun support kept them at the top
+        if len(rngs) != n_proc:
+            sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many")
+        checkpoint.set_rng_state(generator, rngs[rank])
         start = state["step"]
-        _truncate_log(log_path, start)  # drop lines of steps after the checkpoint
-    with open(os.path.join(args.output_dir, "config.json"), "w") as f:  # on resume: the new --steps etc.
-        json.dump({**vars(args), "resolved_precision": prec}, f, indent=2)
+    if rank == 0:
+        if state:
+            checkpoint.truncate_log(log_path, start)  # drop lines of steps after the checkpoint
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:  # on resume: the new --steps etc.
+            json.dump({**vars(args), "resolved_precision": prec, "processes": n_proc}, f, indent=2)
 
     # config.json holds these configs' fields under the same names (the flags')
     rollout, update_cfg = sampler.RolloutConfig.from_dict(vars(args)), UpdateConfig.from_dict(vars(args))
@@ -496,16 +435,20 @@ def main(argv=None) -> int:
                     board.add_scalar(k, v, rec["step"])
             board.flush()
 
+    if rank > 0:
+        eval_rows = None  # rank 0 evaluates (greedy, deterministic); the others wait at the next all-reduce
     if eval_rows and start == 0:
         # step 0: the model before any update, the baseline every later evaluation is read against
         write_log({"step": 0, **run_eval(0)})
 
     from tqdm import tqdm
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, dynamic_ncols=True,
+               disable=rank > 0)
     for step in bar:
         t0 = time.time()
         rows = [train_rows[i] for i in questions_for_step(len(train_rows), step, args.questions_per_step, args.seed)]
+        rows = rows[rank::n_proc]  # this process's share; a question's G rollouts stay together
         model.eval()
         episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
@@ -516,17 +459,27 @@ def main(argv=None) -> int:
         upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
                      tokenizer.pad_token_id, ref_model)
         t3 = time.time()
+        if n_proc > 1:  # the log describes the whole step: every process's episodes
+            pairs = [pair for part in gather(list(zip(episodes, advantages))) for pair in part]
+            episodes, advantages = [e for e, _ in pairs], [a for _, a in pairs]
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
         if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             rec.update(run_eval(step + 1))  # the final model is always evaluated
-        write_log(rec)
+        if rank == 0:
+            write_log(rec)
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, generator, step + 1, args)
-    print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
-    if eval_rows:
-        print(before_after(log_path, args))
+            rngs = gather(checkpoint.rng_state(generator))
+            if rank == 0:
+                checkpoint.save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, rngs, step + 1, args)
+    if n_proc > 1:
+        dist.barrier()  # the last checkpoint is written before any process exits
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: {args.steps} steps; log {log_path}, checkpoint {ckpt}")
+        if eval_rows:
+            print(before_after(log_path, args))
     return 0
 
 
@@ -541,21 +494,6 @@ def before_after(log_path: str, args) -> str:
             for r in (first, last)}
     head = f"held-out evaluation ({args.eval_split}, {first['eval_episodes']} questions, greedy): before and after training"
     return head + "\n" + evaluate.print_table(rows, echo=False)
-
-
-def _truncate_log(path, step):
-    if not os.path.exists(path):
-        return
-    lines = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    lines.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a line cut off by a kill
-    with open(path, "w") as f:
-        f.writelines(lines)
 
 
 if __name__ == "__main__":
