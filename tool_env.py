@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -65,23 +66,45 @@ class SearchIndex:
     passages as one string, each cut to `max_chars` characters.
     """
 
-    def __init__(self, passages: list[dict], max_chars: int = SEARCH_MAX_CHARS):
+    def __init__(self, passages, max_chars: int = SEARCH_MAX_CHARS, bm25=None):
+        """passages: a list of dicts, or anything indexable like one (a memory-mapped
+        datasets.Dataset); bm25: an index already built over them (SearchIndex.load)."""
         import bm25s  # imported here so that parsing and rewards work without it
         from bm25s.stopwords import STOPWORDS_EN
 
         # bm25s's English list keeps question words; "what" in a passage is no evidence
         STOPWORDS = list(STOPWORDS_EN) + ["what", "which", "who", "whom", "whose", "where", "when", "how", "name"]
 
-        if not passages:
+        if not len(passages):
             raise ValueError("SearchIndex needs at least one passage")
         self.passages = passages
         self.max_chars = max_chars
         self._tokenize = lambda texts: bm25s.tokenize(
             texts, stopwords=STOPWORDS, return_ids=False, show_progress=False, stemmer=fold_plurals
         )
-        self.bm25 = bm25s.BM25()
-        texts = [f"{p['title']}\n{p['text']}" for p in passages]
-        self.bm25.index(self._tokenize(texts), show_progress=False)
+        self.bm25 = bm25
+        if bm25 is None:
+            self.bm25 = bm25s.BM25()
+            texts = [f"{p['title']}\n{p['text']}" for p in passages]
+            self.bm25.index(self._tokenize(texts), show_progress=False)
+
+    def save(self, folder: str) -> None:
+        """The index (bm25s's arrays) and the passages (an Arrow table), both memory-mapped by load."""
+        import datasets
+
+        self.bm25.save(folder, show_progress=False)
+        table = (datasets.Dataset.from_list([{"title": p["title"], "text": p["text"]} for p in self.passages])
+                 if isinstance(self.passages, list) else self.passages.select_columns(["title", "text"]))
+        table.save_to_disk(os.path.join(folder, "passages"))
+
+    @classmethod
+    def load(cls, folder: str, max_chars: int = SEARCH_MAX_CHARS) -> "SearchIndex":
+        """A saved index, memory-mapped: a run starts in seconds whatever the corpus size."""
+        import bm25s
+        import datasets
+
+        bm25 = bm25s.BM25.load(folder, mmap=True, show_progress=False)
+        return cls(datasets.load_from_disk(os.path.join(folder, "passages")), max_chars, bm25)
 
     def retrieve(self, query: str, k: int = 1) -> list[int]:
         """Indices of the top-k passages with a positive BM25 score, best first."""
@@ -125,9 +148,14 @@ def make_wiki_search(index: SearchIndex) -> Callable[..., str]:
     return wiki_search
 
 
-def make_tools(corpus: list[dict], max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
-    """The tool registry of the task: {"wiki_search": ...} over `corpus`."""
-    return {"wiki_search": make_wiki_search(SearchIndex(corpus, max_chars))}
+def make_tools(corpus, max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
+    """The tool registry of the task: {"wiki_search": ...} over `corpus`, a list of
+    passages or a saved index's folder (data.prepare_corpus)."""
+    if isinstance(corpus, str):
+        index = SearchIndex.load(corpus, max_chars)
+    else:
+        index = SearchIndex(corpus, max_chars)
+    return {"wiki_search": make_wiki_search(index)}
 
 
 # ----------------------------------------------------------------------------------
