@@ -39,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import corpus
 import data
 import mtgrpo
 import precision
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ds = data.load_task("factbook", "train")
     rows = [ds[i] for i in range(args.questions)]
-    tools = tool_env.make_tools(data.load_corpus("factbook"))
+    tools = tool_env.make_tools(corpus.load_corpus("factbook"))
     G, L = args.group_size, args.max_turn_tokens
     ucfg = train.UpdateConfig(mu=args.mu)
     base_model, tok = mtgrpo.load_model(args.model, device)

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
 
     import mtgrpo
     import tool_env
-    from data import load_corpus, load_task
+    from corpus import load_corpus
+    from data import load_task
 
     path = mtgrpo._embedded_path("smollm2-135m")
     tools = tool_env.make_tools(load_corpus("factbook"))

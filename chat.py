@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-import data
+import corpus
 import evaluate
 import precision
 import sampler
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if args.questions and not os.path.isfile(args.questions):
         sys.exit(f"error: --questions {args.questions}: no such file")
     try:
-        tools = tool_env.make_tools(data.load_corpus(data.default_corpus(args.task, args.corpus)))
+        tools = tool_env.make_tools(corpus.load_corpus(corpus.default_corpus(args.task, args.corpus)))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     model, tok = evaluate.load(args, args.model)

@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+import corpus
 import data
 import mtgrpo
 import precision
@@ -249,8 +250,8 @@ def main(argv=None) -> int:
         p.error("--limit must be 0 (all) or more, --samples at least 1, --group-size at least 2")
     check_writable(args.out + (".html" if args.show else ".json"))  # before the work, not after
     try:
-        args.corpus = data.default_corpus(args.task, args.corpus)
-        tools = tool_env.make_tools(data.load_corpus(args.corpus))
+        args.corpus = corpus.default_corpus(args.task, args.corpus)
+        tools = tool_env.make_tools(corpus.load_corpus(args.corpus))
         rows = data.load_task(args.task, args.split)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

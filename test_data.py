@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+import corpus
 import data
 import tool_env
 from rewards import contains_alias, normalize_answer
@@ -20,8 +21,8 @@ FIXTURE = os.path.join(HERE, "fixtures", "triviaqa")
 @pytest.fixture(scope="module")
 def factbook():
     splits = {s: data.load_task("factbook", s) for s in data.SPLITS}
-    corpus = data.load_corpus("factbook")
-    return splits, corpus
+    passages = corpus.load_corpus("factbook")
+    return splits, passages
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,8 @@ def test_triviaqa_local_fixture():
     assert row["answer"]["normalized_aliases"] == ["firenze", "florence", "florence italy"]
     val = data.load_task(f"triviaqa:{FIXTURE}", "validation")
     assert val[0]["answer"]["value"] == "Japan"
-    corpus = data.load_corpus(os.path.join(FIXTURE, "corpus.jsonl"))
-    tools = tool_env.make_tools(corpus)
+    passages = corpus.load_corpus(os.path.join(FIXTURE, "corpus.jsonl"))
+    tools = tool_env.make_tools(passages)
     out = tools["wiki_search"](query=row["question"])
     assert out.startswith("Florence\n") and contains_alias(out, row["answer"]["aliases"])
 
@@ -169,14 +170,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         data.load_task("factbook", "dev")
     with pytest.raises(FileNotFoundError, match="search corpus 'nope.jsonl' not found"):
-        data.load_corpus("nope.jsonl")
+        corpus.load_corpus("nope.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "a", "text": "b"}\n{"title": "a"}\n')
     with pytest.raises(ValueError, match="passage 2 needs string fields"):
-        data.load_corpus(str(bad))
+        corpus.load_corpus(str(bad))
     bad.write_text('{"title": "a", "text": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
-        data.load_corpus(str(bad))
+        corpus.load_corpus(str(bad))
 
 
 def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
@@ -191,10 +192,10 @@ def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
 
 
 def test_default_corpus():
-    assert data.default_corpus("factbook") == "factbook"
-    assert data.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
+    assert corpus.default_corpus("factbook") == "factbook"
+    assert corpus.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
     with pytest.raises(ValueError, match="task 'triviaqa' needs --corpus PATH"):
-        data.default_corpus("triviaqa")
+        corpus.default_corpus("triviaqa")
 
 
 def test_prepared_wikipedia_index_is_saved_reloaded_and_searched(tmp_path, tiny):
@@ -207,10 +208,10 @@ def test_prepared_wikipedia_index_is_saved_reloaded_and_searched(tmp_path, tiny)
 
     rows = [{"id": str(i), "contents": f'"{p["title"]}"\n{p["text"]}'} for i, p in enumerate(CORPUS)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "wiki"))
-    assert data.prepare_corpus(str(tmp_path / "wiki"), str(tmp_path / "index")) == len(CORPUS)
-    corpus = data.load_corpus(str(tmp_path / "index"))
-    assert corpus == str(tmp_path / "index")  # a prepared index is handed on as its folder
-    search = tool_env.make_tools(corpus)["wiki_search"]
+    assert corpus.prepare_corpus(str(tmp_path / "wiki"), str(tmp_path / "index")) == len(CORPUS)
+    loaded = corpus.load_corpus(str(tmp_path / "index"))
+    assert loaded == str(tmp_path / "index")  # a prepared index is handed on as its folder
+    search = tool_env.make_tools(loaded)["wiki_search"]
     assert search("highest point in Egypt").startswith("Egypt - Geography - Elevation\nhighest point: Mount Catherine")
     assert search("capital of Chad") == "Chad - Government - Capital\nname: N'Djamena"
     # the same results as an index built in memory from the same passages
@@ -218,7 +219,7 @@ def test_prepared_wikipedia_index_is_saved_reloaded_and_searched(tmp_path, tiny)
     for q in ("capital of Egypt", "Lima", "Peru urban areas"):
         assert search(q, k=2) == fresh(q, k=2)
     # recall statistics of a task against it (the fixture has train and validation only)
-    stats = data.task_stats(f"triviaqa:{FIXTURE}", str(tmp_path / "index"))
+    stats = corpus.task_stats(f"triviaqa:{FIXTURE}", str(tmp_path / "index"))
     assert stats.splitlines()[0] == f"task triviaqa:{FIXTURE}: 4 passages" and "validation" in stats
     # and trained on: one step of TriviaQA (the fixture) searching the prepared index
     import train
@@ -230,7 +231,7 @@ def test_prepared_wikipedia_index_is_saved_reloaded_and_searched(tmp_path, tiny)
     assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [1]
     # offline, a hub id fails in one line that says what to pass instead
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    p = subprocess.run([sys.executable, "data.py", "--prepare", "no-such-org/no-such-corpus", str(tmp_path / "x")],
+    p = subprocess.run([sys.executable, "corpus.py", "--prepare", "no-such-org/no-such-corpus", str(tmp_path / "x")],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error: could not load corpus")
     assert "pass a dataset folder or a JSONL" in p.stderr and "Traceback" not in p.stderr

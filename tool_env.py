@@ -24,7 +24,7 @@ tested on hand-written messages:
 - `SearchIndex`      BM25 (the `bm25s` package) over passages, results cut to a budget;
                      `make_tools` builds the search tool over a corpus.
 
-The tasks and corpora (the Factbook task, TriviaQA) are in data.py.
+The tasks (the Factbook task, TriviaQA) are in data.py, the corpora in corpus.py.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def make_wiki_search(index: SearchIndex) -> Callable[..., str]:
 
 def make_tools(corpus, max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]:
     """The tool registry of the task: {"wiki_search": ...} over `corpus`, a list of
-    passages or a saved index's folder (data.prepare_corpus)."""
+    passages or a saved index's folder (corpus.prepare_corpus)."""
     if isinstance(corpus, str):
         index = SearchIndex.load(corpus, max_chars)
     else:

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import corpus
 import data
 import mtgrpo
 import precision
@@ -94,7 +95,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
     a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
-    a("--corpus", default=None, help="search corpus: 'factbook' or a JSONL of {title, text} (default: factbook for factbook)")
+    a("--corpus", default=None, help="search corpus: 'factbook', a JSONL of {title, text}, or a folder from corpus.py --prepare "
+                            "(default: factbook for the factbook task)")
     a("--method", default="mt-grpo", choices=mtgrpo.METHODS)
     a("--steps", type=int, default=20)
     a("--questions-per-step", type=int, default=2)
@@ -356,10 +358,10 @@ def main(argv=None) -> int:
     ckpt = os.path.join(args.output_dir, "checkpoint")
     log_path = os.path.join(args.output_dir, "log.jsonl")
     try:  # the data first: a wrong --task, --corpus or split fails in a second, before any model is loaded
-        corpus = data.default_corpus(args.task, args.corpus)  # checks --task too
+        corpus_name = corpus.default_corpus(args.task, args.corpus)  # checks --task too
         train_rows = data.load_task(args.task, "train")
         held_out = data.load_task(args.task, args.eval_split) if args.eval_every else None
-        tools = tool_env.make_tools(data.load_corpus(corpus), args.search_chars)
+        tools = tool_env.make_tools(corpus.load_corpus(corpus_name), args.search_chars)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if len(train_rows) == 0:
