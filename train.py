@@ -14,15 +14,12 @@ and their float32 gradients are summed once per optimizer step (see update); eve
 process holds the whole model and optimizer state; rank 0 writes logs, evaluations and
 checkpoints.
 
-    torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
-
     python train.py                                   # CPU-sized defaults, embedded model, factbook
     python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
     python train.py --resume --output-dir runs/mt-grpo   # continue after a crash
+    torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
 
-Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (model
-loadable with transformers' from_pretrained, plus optimizer and RNG state), replaced
-atomically every `--save-every` steps and at the end.
+Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -95,8 +92,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
     a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
-    a("--corpus", default=None, help="search corpus: 'factbook', a JSONL of {title, text}, or a folder from corpus.py --prepare "
-                            "(default: factbook for the factbook task)")
+    a("--corpus", default=None, help="'factbook', a JSONL of {title, text}, or a corpus.py --prepare folder")
     a("--method", default="mt-grpo", choices=mtgrpo.METHODS)
     a("--steps", type=int, default=20)
     a("--questions-per-step", type=int, default=2)
