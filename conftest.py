@@ -1,18 +1,27 @@
-"""Fixtures shared by the test files: the embedded model's tokenizer, tiny random
-models with that tokenizer (fast stand-ins for the real model), a small search corpus
-and its tools, and a chat builder for crafted episodes."""
+"""Fixtures and helpers shared by the test files: the embedded model's tokenizer, tiny
+random models with that tokenizer (fast stand-ins for the real model), a small search
+corpus and its tools, a chat builder for crafted episodes, two questions (Q), scripted
+rollouts, synthetic groups of episodes and a train.update with lr 0."""
 
 import pytest
 import torch
 
 import mtgrpo
+import precision
+import sampler
 import tool_env
+import train
 
 CORPUS = [
     {"title": "Egypt - Government - Capital", "text": "name: Cairo; geographic coordinates: 30 03 N, 31 15 E"},
     {"title": "Egypt - Geography - Elevation", "text": "highest point: Mount Catherine 2,629 m; lowest point: Qattara Depression -133 m"},
     {"title": "Chad - Government - Capital", "text": "name: N'Djamena"},
     {"title": "Peru - People and Society - Major urban areas - population", "text": "11.2 million LIMA (capital)"},
+]
+
+Q = [
+    {"question_id": "q1", "question": "What is the capital of Egypt?", "answer": {"aliases": ["Cairo"]}},
+    {"question_id": "q2", "question": "What is the highest point in Egypt?", "answer": {"aliases": ["Mount Catherine"]}},
 ]
 
 
@@ -59,3 +68,53 @@ def tiny_gpt2_dropout(tokenizer):
                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return GPT2LMHeadModel(cfg)
+
+
+# ------------------------------------------------------------------ scripted rollouts
+
+def scripted(tokenizer, query):
+    turn1 = f'<reasoning>look it up</reasoning><tool>{{"name": "wiki_search", "args": {{"query": "{query}"}}}}</tool>'
+    turn2 = "<reasoning>found</reasoning><answer>Cairo</answer>"
+    return tokenizer.encode(turn1, add_special_tokens=False) + tokenizer.encode(turn2, add_special_tokens=False)
+
+
+def run_scripted(model, tokenizer, tools, queries, **kw):
+    force = [scripted(tokenizer, q) if q else tokenizer.encode("<answer>x</answer>", add_special_tokens=False) for q in queries]
+    cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0, **kw)
+    return sampler.sample_episodes(model, tokenizer, Q, tools, len(queries) // 2, cfg,
+                                  generator=torch.Generator().manual_seed(0), force=force)
+
+
+def in_dtype(model, dtype):
+    import copy
+
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+
+
+# ------------------------------------------------------------------ synthetic groups, one update
+
+def two_groups(generator, prompt_lens=(20, 25), group_size=3):
+    """Synthetic episodes: two questions (prompts of different lengths) x G rollouts of
+    different lengths, each with two sampled spans around a 2-token environment span."""
+    episodes = []
+    for q, plen in enumerate(prompt_lens):
+        prompt = torch.randint(0, 1000, (plen,), generator=generator).tolist()
+        for r in range(group_size):
+            n = 5 + 3 * r + q
+            mask = [0] * plen + [1, 1, 0, 0] + [1] * (n - 4)
+            ids = prompt + torch.randint(0, 1000, (n,), generator=generator).tolist()
+            episodes.append(sampler.Episode(f"q{q}", "q", [], ids, mask, mask, [0.0] * len(ids), []))
+    advs = [torch.randn(len(e.token_ids), generator=generator) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
+    return episodes, advs
+
+
+def run_update(model, episodes, advs, flags, pad_id, shared_prefix=True, ref_model=None):
+    """train.update with lr 0 (the weights stay, the gradients are left on the params), at
+    temperature 1 as the tests sample."""
+    master = precision.MasterWeights(model, "fp32")
+    opt = torch.optim.SGD(master.params, lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = vars(train.parse_args(["--temperature", "1", *flags]))
+    out = train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args),
+                       sampler.RolloutConfig.from_dict(args), pad_id, ref_model, shared_prefix=shared_prefix)
+    return out, [p.grad.clone() for p in master.params]

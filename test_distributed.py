@@ -24,7 +24,7 @@ def _update_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from test_mtgrpo import run_update, two_groups
+    from conftest import run_update, two_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -37,7 +37,7 @@ def _update_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -
 
 
 def test_two_processes_give_the_update_of_one(tiny, tmp_path):
-    from test_mtgrpo import run_update, two_groups
+    from conftest import run_update, two_groups
 
     model, path = tiny
     eps, advs = two_groups(torch.Generator().manual_seed(0))

@@ -1,0 +1,148 @@
+"""Tests of sampler.py: multi-turn sampling, the loss and turn masks, token-in/token-out,
+the sampler's log-probs against the training pass's (tiny model in float32 and bf16,
+and the real embedded model), greedy sampling against a plain sampler, and top-k."""
+
+import pytest
+import torch
+
+import mtgrpo
+import sampler
+import tool_env
+from conftest import Q, in_dtype, run_scripted, scripted
+
+
+def check_consistency(model, tokenizer, episodes, tol=1e-4):
+    b = mtgrpo.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, 1.0)
+    m = b.loss_mask.bool()
+    assert m.sum() > 0
+    diff = (logp[m] - b.sample_logp[m]).abs().max()
+    assert diff < tol, float(diff)
+
+
+# ------------------------------------------------------------------ masks, token-in/token-out
+
+
+def test_multi_turn_masks_and_token_in_token_out(tiny, tokenizer, tools):
+    model, _ = tiny
+    # rows of different prompt lengths, tool results of different lengths, one no-tool episode
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
+    e = eps[0]
+    assert e.end_reason == "answer" and e.num_turns == 2
+    assert [m["role"] for m in e.messages[-3:]] == ["assistant", "user", "assistant"]
+    assert e.messages[-2]["content"].startswith("<result>\nEgypt - Government - Capital")
+    # the sampled ids are exactly the scripted ids (never re-tokenized)
+    sampled = [t for t, m in zip(e.token_ids, e.loss_mask) if m]
+    assert sampled == scripted(tokenizer, "capital of Egypt")
+    # environment tokens: loss mask 0, turn 0, and they are the chat template's rendering
+    env = [j for j in range(len(e.token_ids)) if e.token_turns[j] == 0 and j >= e.token_turns.index(1)]
+    assert env and all(e.loss_mask[j] == 0 for j in env)
+    env_text = tokenizer.decode([e.token_ids[j] for j in env])
+    assert "<result>" in env_text and "</result>" in env_text and env_text.endswith("<|im_start|>assistant\n")
+    # turns: 1 before the result, 2 after it
+    first2 = e.token_turns.index(2)
+    assert all(t in (0, 1) for t in e.token_turns[:first2]) and e.loss_mask[first2] == 1
+    # the no-tool episode is all turn 1
+    assert eps[3].num_turns == 1 and eps[3].end_reason == "answer"
+    # the collated attention mask covers env tokens (they are attended to), the loss mask does not
+    b = mtgrpo.collate(eps, [torch.zeros(len(x.token_ids)) for x in eps], tokenizer.pad_token_id)
+    assert all(b.attention_mask[0, j] == 1 and b.loss_mask[0, j] == 0 for j in env)
+
+
+def test_env_tokens_are_attended_to(tiny, tokenizer, tools):
+    """Changing the tool result changes the log-probs of the answer tokens."""
+    model, _ = tiny
+    a = run_scripted(model, tokenizer, tools, ["capital of Egypt"] * 2)[0]
+    other = tool_env.make_tools([{"title": "Egypt - Government - Capital", "text": "something else entirely"}])
+    b = run_scripted(model, tokenizer, other, ["capital of Egypt"] * 2)[0]
+    la = [lp for lp, t in zip(a.sample_logp, a.token_turns) if t == 2]
+    lb = [lp for lp, t in zip(b.sample_logp, b.token_turns) if t == 2]
+    assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) > 1e-4
+
+
+# ------------------------------------------------------------------ log-prob consistency, greedy equivalence
+
+
+# bf16: the sampler (KV cache, one token at a time) and the training pass (whole
+# sequences) round differently. Measured on this tiny model over 3 seeds, scripted and
+# free rollouts: max |dlogp| 4.9e-4 (mean 6e-6); the tolerance is 4x that. (On the
+# embedded model the gap is larger, mean 0.024, max 0.28, which is why train.update
+# takes old_logp from the training pass and corrects the sampler with TIS.)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype):
+    model = in_dtype(tiny[0], dtype)
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
+    check_consistency(model, tokenizer, eps, TOL[dtype])
+    # free sampling too, with the fewshot prompt (long prompt) and the turn budget
+    cfg = sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, top_k=50, fewshot=True)
+    free = sampler.sample_episodes(model, tokenizer, Q, tools, 3, cfg, generator=torch.Generator().manual_seed(3))
+    assert {e.end_reason for e in free} <= {"budget", "no_action", "answer", "tool", "tool_limit"}
+    check_consistency(model, tokenizer, free, TOL[dtype])
+
+
+def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()):
+    """The obviously-correct sampler: one episode, no cache, no padding; every token
+    is the argmax of a full forward pass over the whole sequence so far."""
+    msgs = tool_env.initial_messages(row["question"], tools)
+    ids = sampler.prompt_ids(tokenizer, msgs)
+    force, n_sampled = list(force), 0
+    while True:
+        start = len(ids)
+        while True:
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
+            if n_sampled < len(force):
+                nxt = force[n_sampled]
+            n_sampled += 1
+            ids.append(nxt)
+            text = tokenizer.decode(ids[start:])
+            stopped = nxt == tokenizer.eos_token_id or any(s in text for s in sampler.STOP_STRINGS)
+            if stopped or len(ids) - start >= max_turn_tokens:
+                break
+        msgs.append({"role": "assistant", "content": tokenizer.decode(ids[start:], skip_special_tokens=True)})
+        step = tool_env.env_step(msgs, tools, truncated=not stopped)
+        if step.done:
+            return ids
+        msgs.append(step.message)
+        glue = sampler.chat_glue(tokenizer, step.message)
+        ids += glue[1:] if nxt == tokenizer.eos_token_id and glue[:1] == [tokenizer.eos_token_id] else glue
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype):
+    """The batched sampler (shared prefill, padding, holes, growing cache, compaction)
+    gives the same tokens as a plain full-recompute sampler, one episode at a time.
+    In bf16 too: the rounding differs between the two, but measured on this model no
+    argmax is close enough to a tie to flip (all 4 episodes identical)."""
+    model = in_dtype(tiny[0], dtype)
+    queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
+    # scripts end 3 tokens early, then greedy decoding takes over; one episode is all greedy
+    force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
+    greedy = sampler.RolloutConfig(max_turn_tokens=48).greedy()
+    batched = sampler.sample_episodes(model, tokenizer, Q, tools, 2, greedy, force=force)
+    assert any(e.num_turns == 2 for e in batched)
+    for i, ep in enumerate(batched):
+        assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
+
+
+def test_top_k_sampling_stays_in_the_top_k():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]] * 200)
+    tokens = sampler._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {1, 3}
+    # p(1) / p(3) = e^(5 - 4); observed share of token 1 near e / (1 + e) = 0.73
+    assert 0.6 < (tokens == 1).float().mean() < 0.85
+    assert sampler._sample(logits[:1], 0.0, 2, None).tolist() == [1]  # greedy
+
+
+# ------------------------------------------------------------------ the real embedded model
+
+
+def test_real_model_logprob_consistency(tokenizer, tools):
+    model, _ = mtgrpo.load_model("smollm2-135m", "cpu")
+    eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "Egypt", "highest point Egypt", None])
+    assert eps[0].num_turns == 2
+    check_consistency(model, tokenizer, eps)
