@@ -22,6 +22,7 @@ grey, each turn labelled; it also writes the same as a standalone HTML file.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import html
 import json
@@ -214,9 +215,19 @@ def show(args, tools: dict, row: dict) -> int:
 class DefaultsHelp(argparse.HelpFormatter):
     """-h shows every flag's default (argparse's own formatter skips flags without help), none for None."""
 
+    def _format_action(self, action):
+        if not action.help and self._shown(action):  # argparse prints no help line for help=None
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-        return (action.help or "") + (" (default: %(default)s)" if shown else "")
+        shown = self._shown(action) and "%(default)" not in action.help
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+    @staticmethod
+    def _shown(action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
 
 
 def main(argv=None) -> int:

@@ -285,3 +285,12 @@ def test_real_model_end_to_end_one_step(tmp_path):
     else:
         assert rec["logp_diff_max"] is None
     assert os.path.exists(out / "checkpoint" / "model.safetensors")
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    # flags without a help text too (argparse's own formatter shows nothing for them)
+    for flag, default in (("--steps STEPS", "20"), ("--eps EPS", "0.2"), ("--mu MU", "2"), ("--top-k TOP_K", "50")):
+        assert f"{flag} " in out and out.split(f"{flag} ", 2)[-1].split("--")[0].strip().endswith(f"(default: {default})"), flag

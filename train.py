@@ -42,6 +42,7 @@ import torch.distributed as dist
 import checkpoint
 import corpus
 import data
+import evaluate
 import mtgrpo
 import precision
 import sampler
@@ -67,14 +68,6 @@ class UpdateConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
-class DefaultsHelp(argparse.HelpFormatter):
-    """-h shows every flag's default (argparse's own formatter skips flags without help), none for None."""
-
-    def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-        return (action.help or "") + (" (default: %(default)s)" if shown else "")
-
-
 def _numbers_as_values(argv: list[str]) -> list[str]:
     """argparse takes "-1e-4" after a flag for another flag ("expected one argument"):
     glue such negative numbers to their flag ("--lr=-1e-4") so the checks below see them."""
@@ -88,7 +81,7 @@ def _numbers_as_values(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.DefaultsHelp)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
     a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
@@ -408,8 +401,6 @@ def main(argv=None) -> int:
     rollout, update_cfg = sampler.RolloutConfig.from_dict(vars(args)), UpdateConfig.from_dict(vars(args))
     eval_rows = None
     if args.eval_every:
-        import evaluate
-
         eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions or len(held_out))]
 
     def run_eval(step: int) -> dict:
@@ -483,8 +474,6 @@ def main(argv=None) -> int:
 
 def before_after(log_path: str, args) -> str:
     """The held-out evaluation before training and at the last step, side by side."""
-    import evaluate
-
     with open(log_path) as f:
         evals = [r for r in map(json.loads, f) if "eval_exact_match" in r]
     first, last = evals[0], evals[-1]
