@@ -1,15 +1,17 @@
 """MT-GRPO vs GRPO-OR vs GRPO-MR (README "Results"): 3 methods x seeds 0, 1, 2.
 
 One train.py command per run (`--print` lists them); the three methods share every
-setting but --method, and run with the same seeds. The configuration comes from the
-validation sweep (configs/sweep.py); evaluation is greedy on the whole TEST split
-before training, midway and at the end. Runs take hours on a 2-core CPU: this driver
-starts what is missing and resumes what is unfinished, so run it again after a kill
-or in a later sitting; two runs go side by side with one thread each. Each run's log,
-config and evaluations are copied to results/runs/ as they grow; `make results` then
-rebuilds the table (results/compare.md) and the plot (results/compare.png).
+setting but --method, and run with the same seeds. The configuration comes from an lr
+sweep and a pilot on the validation split (results/README.md, "Choosing the
+configuration"); configs/sweep.py is the wider sweep, not yet run on the cleaned task.
+Evaluation is greedy on the whole TEST split before training, midway and at the end.
+Runs take hours on a 2-core CPU: this driver starts what is missing and resumes what
+is unfinished, so run it again after a kill or in a later sitting; one run at a time
+with every core (queue_runs.py says why). Each run's log, config and evaluations are
+copied to results/runs/ as they grow; `make results` then rebuilds the table
+(results/compare.md) and the plot (results/compare.png).
 
-    python configs/compare.py              # all 9 runs, 2 at a time
+    python configs/compare.py              # the 9 runs, skipping those in results/runs/
     python configs/compare.py --print      # the commands
 """
 

@@ -5,7 +5,7 @@ greedily on the whole VALIDATION split (never test) before training and every 10
 steps. Swept: the learning rate (1e-5, 3e-5, 1e-4) and the sampling temperature
 (0.6, 0.9); the rest is BASE. Resumable like configs/compare.py:
 
-    python configs/sweep.py              # all runs, 2 at a time
+    python configs/sweep.py              # all runs, one at a time
     python configs/sweep.py --print      # the commands
 """
 

@@ -1,0 +1,70 @@
+"""configs/queue_runs.py: the driver of the sweep and the comparison skips finished
+runs (in their folder or already in results/), resumes runs with a checkpoint, starts
+over runs killed before their first checkpoint, and gives each run cores/N threads."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
+import queue_runs  # noqa: E402
+
+
+def _log(folder, rows):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_finished_needs_the_last_step_and_its_evaluation(tmp_path):
+    run = str(tmp_path / "run")
+    assert not queue_runs.finished(run, 3)  # no log
+    _log(run, [{"step": 0, "eval_exact_match": 0.0}, {"step": 3}])
+    assert not queue_runs.finished(run, 3)  # killed before the final evaluation was logged
+    _log(run, [{"step": 0, "eval_exact_match": 0.0}, {"step": 2, "eval_exact_match": 0.1}])
+    assert not queue_runs.finished(run, 3)
+    _log(run, [{"step": 3, "eval_exact_match": 0.1}])
+    assert queue_runs.finished(run, 3)
+
+
+class FakeProc:
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+
+@pytest.fixture
+def started(monkeypatch, tmp_path):
+    """Run run_all in tmp_path with Popen recorded instead of called."""
+    calls = []
+
+    def popen(cmd, cwd, stdout, stderr, env):
+        calls.append((cmd[2:], env["OMP_NUM_THREADS"]))
+        return FakeProc()
+
+    monkeypatch.chdir(tmp_path)  # restored after the test (run_all changes into ROOT)
+    monkeypatch.setattr(queue_runs, "ROOT", str(tmp_path))
+    monkeypatch.setattr(queue_runs.subprocess, "Popen", popen)
+    monkeypatch.setattr(queue_runs.time, "sleep", lambda s: None)
+    monkeypatch.setattr(queue_runs.os, "cpu_count", lambda: 4)
+    return calls
+
+
+def test_run_all_skips_finished_resumes_and_restarts(started):
+    done = [{"step": 0, "eval_exact_match": 0.0}, {"step": 2, "eval_exact_match": 0.5}]
+    _log("results/a", done)  # committed earlier: skipped, though runs/a does not exist
+    _log("runs/b", done)  # finished in its folder: skipped, and copied to results
+    _log("runs/c", [{"step": 1}])  # has a checkpoint: resumed
+    os.makedirs("runs/c/checkpoint")
+    open("runs/c/checkpoint/trainer_state.pt", "w").close()
+    _log("runs/d", [{"step": 1}])  # killed before its first checkpoint: started over
+    jobs = [(n, ["--steps", "2", "--output-dir", f"runs/{n}"]) for n in "abcde"]
+    assert queue_runs.run_all(jobs, parallel=2, results="results") == 0
+    assert started == [(["--steps", "2", "--output-dir", "runs/c", "--resume"], "2"),
+                       (["--steps", "2", "--output-dir", "runs/d"], "2"),
+                       (["--steps", "2", "--output-dir", "runs/e"], "2")]
+    assert not os.path.exists("runs/d/log.jsonl")  # the stale log was removed before the restart
+    assert queue_runs.finished("results/b", 2)
