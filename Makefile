@@ -39,6 +39,10 @@ bench-trl: $(STAMP)
 # README "Results": the table (results/compare.md) and the plot (results/compare.png),
 # regenerated from the committed logs of configs/compare.py's runs
 RUNS := $(wildcard results/runs/*-s*)
+# and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
+SWEEP := $(wildcard results/sweep/*/log.jsonl)
+SWEEP := $(SWEEP:/log.jsonl=)
 results: $(STAMP)
 	@test -n "$(RUNS)" || { echo "error: no runs in results/runs/ (python configs/compare.py makes them)"; exit 1; }
 	$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare
+	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
