@@ -40,8 +40,7 @@ bench-trl: $(STAMP)
 # regenerated from the committed logs of configs/compare.py's runs
 RUNS := $(wildcard results/runs/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
-SWEEP := $(wildcard results/sweep/*/log.jsonl)
-SWEEP := $(SWEEP:/log.jsonl=)
+SWEEP := $(wildcard results/sweep/*)
 results: $(STAMP)
 	@test -n "$(RUNS)" || { echo "error: no runs in results/runs/ (python configs/compare.py makes them)"; exit 1; }
 	$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare
