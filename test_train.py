@@ -225,7 +225,7 @@ def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkey
     assert float((w.to(torch.bfloat16).float() != w).float().mean()) > 0.9  # not a bf16 model's weights
     # resume continues from the float32 master weights
     assert train.main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"])) == 0
-    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # step 0: the probe of the initial policy
 
 
 def test_precision_auto_follows_the_hardware_check(monkeypatch):
@@ -271,10 +271,15 @@ def test_real_model_end_to_end_one_step(tmp_path):
     args = ["--steps", "1", "--group-size", "2", "--questions-per-step", "2", "--max-turn-tokens", "32",
             "--output-dir", str(out), "--device", "cpu", "--fewshot", "--eval-every", "0"]
     assert train.main(args) == 0
-    (rec,) = read_log(out)
+    start, rec = read_log(out)
     for key in ("R_T", "R_O", "exact_match", "format", "tool_call_rate", "tool_success", "clip_frac", "kl",
-                "adv_turn1", "time_sample", "time_update", "loss", "sampled_tokens"):
+                "adv_turn1", "time_sample", "time_update", "loss", "sampled_tokens", "probe_kl_mean", "probe_kl_max"):
         assert key in rec and math.isfinite(rec[key]), key
+    # the probe (probe.py) read the policy before and after the update, on the real model's prompts
+    for r in (start, rec):
+        assert 0 < r["probe_second_call"] < 1 and 0 < r["probe_answer_prob"] < 1
+        assert r["probe_second_call"] + r["probe_answer_prob"] <= 1 + 1e-6
+    assert rec["probe_kl_max"] >= rec["probe_kl_mean"] >= 0
     # entropy is measured on the episodes that were trained (those with a non-zero advantage)
     assert (rec["entropy"] is None) == (rec["trained_episodes"] == 0)
     # sampler vs trainer log-probs of the trained tokens: float32 agrees within 1e-4 (a bf16

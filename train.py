@@ -28,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -45,6 +46,7 @@ import data
 import evaluate
 import mtgrpo
 import precision
+import probe
 import sampler
 import tool_env
 
@@ -93,6 +95,11 @@ def parse_args(argv=None):
     a("--lr", type=float, default=3e-5,
       help="the paper used 1e-6 for a 7B model; 3e-5 was chosen for the 135M model by a validation sweep")
     a("--warmup-steps", type=int, default=0, help="linear warm-up, in optimizer steps")
+    a("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+      help="after the warm-up: constant, or a linear or cosine decay to --lr-floor x lr at the last step")
+    a("--lr-floor", type=float, default=0.1, help="the decay's final lr, as a fraction of --lr")
+    a("--freeze-embeddings", action="store_true",
+      help="do not train the token embeddings (tied to the LM head in the embedded model)")
     U, R = UpdateConfig, sampler.RolloutConfig  # the defaults live in these two dataclasses
     a("--grad-clip", type=float, default=U.grad_clip)
     a("--mu", type=int, default=U.mu, help="optimizer steps per generated batch")
@@ -126,14 +133,18 @@ def parse_args(argv=None):
     a("--precision", default="auto", choices=precision.PRECISIONS,
       help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
     a("--tis-cap", type=float, default=U.tis_cap, help="cap C of the truncated importance-sampling weight (0: off)")
+    a("--probe-questions", type=int, default=8,
+      help="validation questions of the policy-movement probe, logged as probe_* after every update (0: off)")
     args = p.parse_args(_numbers_as_values(sys.argv[1:] if argv is None else list(argv)))
     if args.fewshot is None:
         args.fewshot = args.model in mtgrpo.EMBEDDED
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_questions < 0 or args.eval_every < 0:
-        p.error("--eval-questions and --eval-every must be 0 or more")
+    if args.eval_questions < 0 or args.eval_every < 0 or args.probe_questions < 0:
+        p.error("--eval-questions, --eval-every and --probe-questions must be 0 or more")
+    if not 0 <= args.lr_floor <= 1:
+        p.error("--lr-floor must be between 0 and 1 (a fraction of --lr)")
     if args.group_size < 2:
         p.error("--group-size must be at least 2: advantages are relative to the group")
     if args.lr <= 0 or args.eps <= 0 or args.beta < 0:
@@ -145,6 +156,27 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "constant", floor: float = 0.1) -> float:
+    """The lr multiplier after `step` optimizer steps (LambdaLR's argument: 0 before the
+    first): a linear warm-up over `warmup` steps, then constant, or a linear or cosine
+    decay from 1 to `floor`, reached at the last of `total` steps. A decaying lr makes
+    the last updates small, so the final policy is not whatever the last large step
+    made of it."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup + 1:
+        return 1.0
+    t = min(1.0, (step - warmup) / (total - warmup - 1))  # 0 at the first step after warm-up, 1 at the last
+    if schedule == "linear":
+        return 1.0 - (1.0 - floor) * t
+    if schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
 
 
 def questions_for_step(n_rows: int, step: int, k: int, seed: int) -> list[int]:
@@ -243,10 +275,11 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
                 master.collect_grads()  # float32 accumulation over micro-batches
                 n_tok = float(b.loss_mask.sum())
                 totals["loss"] += loss.item()
-                totals["clip_frac"] += st["clip_frac"] * n_tok
                 totals["kl"] += st["kl"] * n_tok
-                totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
-                totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
+                if it > 0:  # iteration 0's ratio is exactly 1: only later iterations can clip
+                    totals["clip_frac"] += st["clip_frac"] * n_tok
+                    totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
+                    totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
                 if it == 0:
                     totals["is_weight_min"] = min(totals.get("is_weight_min", 1.0), float(w[pos].min()) if pos.any() else 1.0)
                 ent_sum += float(ent[pos].sum())
@@ -255,20 +288,23 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
             master.collect_grads()
         sum_gradients(master.params)
         totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]  # the lr this optimizer step uses
         optimizer.step()
         master.push()
         scheduler.step()
         totals["entropy"] += ent_sum / max(tok_sum, 1)
         totals["tokens"] += tok_sum
     mu, n_first = cfg.mu, totals["tokens"] / cfg.mu
+    later = mu > 1 and todo  # clip_frac and the ratio range of iterations 1..mu-1 (none with mu = 1)
     return {
-        "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"], 1),
+        "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"] - n_first, 1) if later else None,
         "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
-        "ratio_min": totals["ratio_min"], "ratio_max": totals["ratio_max"], "grad_norm": totals["grad_norm"] / mu,
+        "ratio_min": totals.get("ratio_min", 1.0) if later else None,
+        "ratio_max": totals.get("ratio_max", 1.0) if later else None, "grad_norm": totals["grad_norm"] / mu,
         # sampler vs trainer log-probs of the trained tokens, before any update
         "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
         "is_weight_min": totals.get("is_weight_min", 1.0),
-        "lr": scheduler.get_last_lr()[0], "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
+        "lr": lr, "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
     }
 
 
@@ -350,6 +386,7 @@ def main(argv=None) -> int:
         corpus_name = corpus.default_corpus(args.task, args.corpus)  # checks --task too
         train_rows = data.load_task(args.task, "train")
         held_out = data.load_task(args.task, args.eval_split) if args.eval_every else None
+        probe_rows = data.load_task(args.task, "validation") if args.probe_questions else None
         tools = tool_env.make_tools(corpus.load_corpus(corpus_name), args.search_chars)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -376,11 +413,14 @@ def main(argv=None) -> int:
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
         ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
+    if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
+        model.get_input_embeddings().weight.requires_grad_(False)
     master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
 
     optimizer = make_optimizer(master.params, args.lr)
-    warm = max(args.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    total = args.steps * args.mu  # optimizer steps of the whole run
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, max(args.warmup_steps, 0), total, args.lr_schedule, args.lr_floor))
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process samples its own
     start = 0
     if state:
@@ -426,9 +466,15 @@ def main(argv=None) -> int:
 
     if rank > 0:
         eval_rows = None  # rank 0 evaluates (greedy, deterministic); the others wait at the next all-reduce
-    if eval_rows and start == 0:
+    the_probe = probe_before = None
+    if probe_rows and rank == 0:  # every process holds the same policy: one probes it
+        the_probe = probe.build_probe(tokenizer, [probe_rows[i] for i in spread(len(probe_rows), args.probe_questions)],
+                                      tools, args.fewshot)
+        probe_before = probe.probe_logprobs(model, the_probe)  # the policy the first update starts from
+    if (eval_rows or the_probe) and start == 0:
         # step 0: the model before any update, the baseline every later evaluation is read against
-        write_log({"step": 0, **run_eval(0)})
+        write_log({"step": 0, **(run_eval(0) if eval_rows else {}),
+                   **(probe.measure(the_probe, probe_before, None) if the_probe else {})})
 
     from tqdm import tqdm
 
@@ -453,6 +499,11 @@ def main(argv=None) -> int:
             episodes, advantages = [e for e, _ in pairs], [a for _, a in pairs]
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
+        if the_probe:  # how far this update moved the policy, on fixed contexts (probe.py)
+            model.eval()
+            after = probe.probe_logprobs(model, the_probe)
+            rec.update(probe.measure(the_probe, after, probe_before), time_probe=time.time() - t3)
+            probe_before = after
         if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             rec.update(run_eval(step + 1))  # the final model is always evaluated
         if rank == 0:

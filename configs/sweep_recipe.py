@@ -1,0 +1,49 @@
+"""Validation runs that choose recipe v2, the stable training recipe (issue 20).
+
+Recipe v1 (configs/sweep.py's BASE: lr 3e-5 constant, mu = 2, 2 questions per step)
+learns, but single updates swing the policy (results/README.md). Each lever below is
+there for a reason read off v1's logs, not to sweep everything:
+
+- mu = 1: v1's second optimizer step on the same batch is where its ratios fell below
+  0.1; with mu = 1 every batch is used once (every peer's default), and steps are faster;
+- warm-up: Adam's first steps move every weight by about lr whatever the gradient's size
+  (its second-moment estimate starts from one batch), so the first updates are the
+  largest; 5 steps of linear warm-up;
+- cosine decay to 0.1 x lr: the last updates are small, so the final policy is not what
+  one large step made of it;
+- 4 questions per step: in v1 one question's 8 rollouts were often the whole signal of
+  an update; 4 give each update more groups to average;
+- lr 6e-5 peak: with mu = 1 and the decay, a run takes fewer and smaller steps than
+  v1's 2 x 3e-5 per batch, so the peak is raised to keep its total movement.
+
+Then one lever more, judged on the probe (probe.py; probe_kl_*, probe_second_call):
+- freezing the token embeddings (tied to the LM head): under Adam even a token that is
+  never sampled gets a full-size update of its output row from its tiny softmax
+  gradient, a way to move behaviour that no sampled ratio sees.
+
+Each run is MT-GRPO from the embedded model, evaluated greedily on the whole
+VALIDATION split (never test) before training and every 10 steps. Resumable:
+
+    python configs/sweep_recipe.py           # the runs, one at a time, skipping committed ones
+    python configs/sweep_recipe.py --print   # the commands
+"""
+
+import sys
+
+import queue_runs
+
+RECIPE = ["--group-size", "8", "--questions-per-step", "4", "--lr", "6e-5", "--mu", "1",
+          "--warmup-steps", "5", "--lr-schedule", "cosine", "--lr-floor", "0.1",
+          "--temperature", "0.9", "--max-turn-tokens", "64", "--fewshot"]
+STEPS = 50
+GRID = [("v2", []), ("v2-frozen-emb", ["--freeze-embeddings"])]
+
+
+def jobs() -> list[tuple[str, list[str]]]:
+    common = RECIPE + ["--steps", str(STEPS), "--eval-every", "10", "--eval-split", "validation",
+                       "--eval-questions", "0", "--save-every", "5", "--seed", "0", "--method", "mt-grpo"]
+    return [(name, common + extra + ["--output-dir", f"runs/sweep_recipe/{name}"]) for name, extra in GRID]
+
+
+if __name__ == "__main__":
+    sys.exit(queue_runs.main(__doc__, jobs(), "results/sweep_recipe"))
