@@ -123,6 +123,35 @@ def test_no_alias_can_be_guessed_from_the_question(factbook):
             assert f" {normalize_answer(a)} " not in q, (r["question"], a)
 
 
+@pytest.mark.parametrize("alias, country, guessable", [
+    ("National Anthem of the Kyrgyz Republic", "Kyrgyzstan", True),  # anthem words and the country
+    ("National Anthem of the Republic of China", "Taiwan", True),  # a description, not a title
+    ("Himno Nacional Argentino", "Argentina", True), ("Hino Nacional Brasileiro", "Brazil", True),
+    ("Himno Nacional Espanol", "Spain", True), ("The Hymn of Malta", "Malta", True), ("Himno Nacional", "Uruguay", True),
+    ("Hymn to Freedom", "Greece", False), ("The Thunder Dragon Kingdom", "Bhutan", False),
+    ("Independent, Neutral, Turkmenistan State Anthem", "Turkmenistan", False), ("Maamme", "Finland", False),
+])
+def test_anthem_titles_made_of_the_question_are_guessable(alias, country, guessable):
+    question = f"What is the name of the national anthem of {country}?"
+    assert data._guessable(alias, question, "anthem", country) is guessable
+    assert not data._guessable(alias, question, "capital", country)  # the anthem rule is the anthem's alone
+
+
+def test_no_gold_restates_the_question_and_the_plain_name_scores(factbook):
+    """Anthem golds that restate the question ('National Anthem of the ... Republic') are
+    gone, and answers kept with a leading 'near' ('near Raczki Elblaskie') are the plain name."""
+    rows = {r["question_id"]: r for r in _all_rows(factbook)}
+    for r in rows.values():
+        for a in r["answer"]["aliases"]:
+            assert not re.match(r"near\b", a, re.I), (r["question"], a)
+            if r["question_id"].endswith("-anthem"):
+                assert not re.search(r"^(the )?(national|state) anthem\b|\bnational anthem$", a, re.I), (r["question"], a)
+                assert not re.search(r"\b(himno|hino|inno) nacional\b", a, re.I), (r["question"], a)
+    assert rows["factbook-pl-lowest_point"]["answer"]["aliases"] == ["Raczki Elblaskie"]
+    assert rows["factbook-kg-anthem"]["answer"]["aliases"] == ["Kyrgyz Respublikasynyn Mamlekettik Gimni"]
+    assert "factbook-ar-anthem" not in rows  # 'Himno Nacional Argentino', 'Argentine National Anthem'
+
+
 def test_currency_answers_accept_the_singular(factbook):
     """The Factbook names currencies in the plural; the plain answer is the singular,
     irregular plurals included (kroner -> krone, lei -> leu, zlotych -> zloty)."""
@@ -228,7 +257,7 @@ def test_prepared_wikipedia_index_is_saved_reloaded_and_searched(tmp_path, tiny)
     assert train.main(["--model", tiny[1], "--task", f"triviaqa:{FIXTURE}", "--corpus", str(tmp_path / "index"),
                        "--steps", "1", "--questions-per-step", "1", "--group-size", "2", "--max-turn-tokens", "8",
                        "--eval-every", "0", "--device", "cpu", "--output-dir", str(run)]) == 0
-    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [1]
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [0, 1]  # step 0: the probe of the initial policy
     # offline, a hub id fails in one line that says what to pass instead
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     p = subprocess.run([sys.executable, "corpus.py", "--prepare", "no-such-org/no-such-corpus", str(tmp_path / "x")],

@@ -57,6 +57,25 @@ def test_advantages_two_groups_hand_computed():
     torch.testing.assert_close(adv[2, 1:4], torch.tensor([0.0, 0.0, 0.0]))
 
 
+def test_merged_fallback_changes_only_episodes_without_a_tool_result():
+    """Groups of 2, where every norm is +-0.5 |d| / (|d| / sqrt 2 + eps). Row 0 never got
+    a tool result (all its tokens are turn 1), row 1 did. R^O = [1, 0], R^T = [0, 0.5],
+    so the merged R^O + R^T = [1, 0.5] ranks the rows as R^O does, while R^T ranks them
+    the other way: without the fallback row 0's turn-1 advantage is norm(R^O) +
+    norm(R^T) = s(1) - s(0.5), about 0; with it, norm(R^O + R^T) = +s(0.5)."""
+    e = 1e-4
+    s = lambda d: 0.5 * d / (d / math.sqrt(2) + e)  # noqa: E731
+    r_o, r_t = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.5])
+    turns = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 2]])
+    off = mtgrpo.compute_advantages(r_t, r_o, turns, 2, "mt-grpo")
+    on = mtgrpo.compute_advantages(r_t, r_o, turns, 2, "mt-grpo", merged_fallback=True)
+    torch.testing.assert_close(off[0], torch.tensor([0.0, 1, 1, 1]) * (s(1) - s(0.5)))
+    torch.testing.assert_close(on[0], torch.tensor([0.0, 1, 1, 1]) * s(0.5))
+    # row 1 has a tool result: the same advantages either way
+    torch.testing.assert_close(on[1], off[1])
+    torch.testing.assert_close(off[1], torch.tensor([0.0, -s(1) + s(0.5), 0.0, -s(1)]))
+
+
 def test_advantages_bad_input():
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         mtgrpo.compute_advantages(torch.zeros(6), torch.zeros(6), torch.ones(6, 2, dtype=torch.long), 4, "mt-grpo")
@@ -217,12 +236,15 @@ def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer):
     when a group's continuations are split over micro-batches."""
     model, _ = tiny
     eps, advs = two_groups(torch.Generator().manual_seed(1))
-    flags = ["--mu", "1", "--tis-cap", "0"]
+    # no clipping: clipped to a norm of 0.1, a uniform scale error in either pass would go unseen
+    flags = ["--mu", "1", "--tis-cap", "0", "--grad-clip", "1e9"]
     full, g_full = run_update(model, eps, advs, flags + ["--micro-batch-tokens", "1000"], tokenizer.pad_token_id, False)
     shared, g_shared = run_update(model, eps, advs, flags + ["--micro-batch-tokens", "20"], tokenizer.pad_token_id)
     assert full["micro_batches"] == 1 and shared["micro_batches"] == 4
     assert shared["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert shared["entropy"] == pytest.approx(full["entropy"], rel=1e-5)
     assert max(float(g.abs().max()) for g in g_full) > 1e-4  # a real gradient
+    assert full["grad_norm"] > 0.1  # ... that clipping at the default 0.1 would have rescaled
+    assert shared["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
     for a, b in zip(g_full, g_shared):
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-4)
