@@ -336,7 +336,10 @@ def world() -> tuple[int, int]:
 
 
 def gather(obj) -> list:
-    """Every process's `obj`, in rank order ([obj] with one process)."""
+    """Every process's `obj`, in rank order ([obj] with one process). With NCCL,
+    all_gather_object stages the pickled bytes on torch.cuda.current_device(), so each
+    process must have set its own GPU first (setup_distributed does); otherwise every
+    rank would use GPU 0."""
     if world()[1] == 1:
         return [obj]
     out = [None] * world()[1]
@@ -344,22 +347,44 @@ def gather(obj) -> list:
     return out
 
 
-def sum_gradients(params) -> None:
+BUCKET_ELEMENTS = 32 * 2**20  # float32 elements per all-reduce: 128 MB, a few buckets for a 7B model's gradients
+
+
+def sum_gradients(params, bucket_elements: int = BUCKET_ELEMENTS) -> None:
     """Sum the float32 gradients over the processes (each process's loss is already divided
-    by the global normalizer, so the sum is the gradient of the whole batch). One
-    all-reduce per optimizer step, not DDP's per-backward hooks: an update here runs
-    several backward passes (micro-batches and each group's shared prompt) into the float32
-    master gradients, and only their total needs to travel. Parameters no process
-    touched keep grad None, as with one process (AdamW then skips them)."""
-    if world()[1] == 1:
+    by the global normalizer, so the sum is the gradient of the whole batch). Once per
+    optimizer step, not DDP's per-backward hooks: an update here runs several backward
+    passes (micro-batches and each group's shared prompt) into the float32 master
+    gradients, and only their total needs to travel.
+
+    Every tensor handed to a collective lives on the parameters' device: NCCL (torchrun
+    on GPUs) has no CPU backend. The gradients travel flattened into buckets of at most
+    `bucket_elements` (one all-reduce each; a parameter larger than that is a bucket of
+    its own), not one all-reduce per parameter: a few large messages instead of hundreds
+    of small ones, at the cost of one bucket's copy. Parameters no process touched keep
+    grad None, as with one process (AdamW then skips them); which ones, takes one more
+    (small) all-reduce."""
+    if world()[1] == 1 or not params:
         return
-    touched = torch.tensor([float(p.grad is not None) for p in params])
+    device = params[0].device
+    touched = torch.tensor([float(p.grad is not None) for p in params], device=device)
     dist.all_reduce(touched)
-    for p, t in zip(params, touched.tolist()):
-        if t:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    live = [p for p, t in zip(params, touched.tolist()) if t]
+    for p in live:
+        if p.grad is None:  # touched by another process only: this one adds zeros
+            p.grad = torch.zeros_like(p)
+    buckets, size = [], 0
+    for p in live:  # consecutive parameters of one dtype, up to bucket_elements together
+        if not buckets or size + p.numel() > bucket_elements or p.grad.dtype != buckets[-1][0].grad.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+            p.grad.copy_(g.view_as(p.grad))
 
 
 def setup_distributed(args) -> tuple[int, int]:
