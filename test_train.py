@@ -146,6 +146,35 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
         train.main(train_args(path, tmp_path / "cut", 3))
 
 
+def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
+    """--device may change on resume. A checkpoint written on a GPU holds CUDA tensors
+    (the optimizer state) and a CUDA generator's state (16 bytes: seed and offset, which
+    a CPU generator refuses). Made here by saving with CUDA location tags: it resumes on
+    the CPU, reseeds the sampling generator with a one-line note, and says nothing about
+    deleting the (good) checkpoint."""
+    import torch.serialization
+
+    _, path = tiny
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
+    out = tmp_path / "run"
+    assert train.main(train_args(path, out, 2, ["--eval-every", "0"])) == 0
+    file = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(file, weights_only=False)
+    state["rng"][0].update(generator=torch.tensor([0] * 16, dtype=torch.uint8), generator_device="cuda")
+    with monkeypatch.context() as m:  # every storage tagged as on cuda:0, as a GPU run writes them
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, file)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(file, weights_only=False)  # what loading it without map_location does here
+    capsys.readouterr()
+    assert train.main(train_args(path, out, 3, ["--eval-every", "0", "--resume"])) == 0
+    printed = capsys.readouterr().out
+    assert "delete" not in printed
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "sampled on cuda, this run samples on cpu" in notes[0]
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
     monkeypatch.setattr(sampler, "score_episodes", fake_scores)

@@ -422,7 +422,7 @@ def main(argv=None) -> int:
     if n_proc > 1:
         dist.barrier()
         if rank > 0 and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-            state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+            state = checkpoint.load_trainer_state(ckpt)
     board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -454,8 +454,12 @@ def main(argv=None) -> int:
         rngs = state.get("rng") or [state]  # checkpoints of one process before torchrun support kept them at the top
         if len(rngs) != n_proc:
             sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many")
-        checkpoint.set_rng_state(generator, rngs[rank])
         start = state["step"]
+        saved_on = checkpoint.set_rng_state(generator, rngs[rank], reseed=(args.seed + rank) * 1_000_003 + start)
+        if saved_on and rank == 0:
+            print(f"note: the checkpoint sampled on {saved_on}, this run samples on {generator.device.type}, and a "
+                  f"generator's state does not carry over between the two: sampling is reseeded from --seed and "
+                  f"the step {start}, so the rollouts from here on differ from a run continued on {saved_on}")
     if rank == 0:
         if state:
             checkpoint.truncate_log(log_path, start)  # drop lines of steps after the checkpoint
