@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     ref_model = None
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
-        ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
+        precision.cast_params(ref_model, precision.DTYPES[prec]).eval().requires_grad_(False)  # as the policy
     if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
         model.get_input_embeddings().weight.requires_grad_(False)
     master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
