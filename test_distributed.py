@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -36,7 +37,7 @@ def _update_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -
     eps, advs = two_groups(torch.Generator().manual_seed(0))  # the same on every process
     mine = slice(3 * rank, 3 * rank + 3)  # G = 3: this process's question
     upd, grads = run_update(model, eps[mine], advs[mine], ["--micro-batch-tokens", "40"], 0)
-    torch.save({"loss": upd["loss"], "grads": grads, "all_reduce_calls": len(calls)}, f"{out}.{rank}")
+    torch.save({"upd": upd, "grads": grads, "all_reduce_calls": len(calls)}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -49,8 +50,15 @@ def test_two_processes_give_the_update_of_one(tiny, tmp_path):
     out = str(tmp_path / "grads")
     mp.spawn(_update_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
-    # each process's loss is its share of one global mean (the normalizer counts both)
-    assert abs(parts[0]["loss"] + parts[1]["loss"] - one["loss"]) < 1e-5
+    # every process reports the statistics of the whole update (train.reduce_update_stats):
+    # the loss (each process's is its share of one global mean), the token means, the
+    # extremes and the counts are those of one process with all the episodes
+    assert one["trained_episodes"] == 6 and one["logp_diff_max"] > 0 and one["is_weight_min"] < 1
+    for p in parts:
+        upd = p["upd"]
+        assert upd.keys() == one.keys()
+        for k, v in one.items():
+            assert upd[k] == (v if v is None or isinstance(v, int) else pytest.approx(v, rel=1e-5, abs=1e-9)), k
     # mu = 2 optimizer steps, each: which parameters were touched, then one bucket of gradients
     assert all(p["all_reduce_calls"] == 2 * 2 for p in parts)
     for r in range(2):  # after the all-reduce every process holds the whole batch's gradient

@@ -296,7 +296,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         totals["tokens"] += tok_sum
     mu, n_first = cfg.mu, totals["tokens"] / cfg.mu
     later = mu > 1 and todo  # clip_frac and the ratio range of iterations 1..mu-1 (none with mu = 1)
-    return {
+    return reduce_update_stats({
         "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"] - n_first, 1) if later else None,
         "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
         "ratio_min": totals.get("ratio_min", 1.0) if later else None,
@@ -305,7 +305,37 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
         "is_weight_min": totals.get("is_weight_min", 1.0),
         "lr": lr, "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
-    }
+    }, n_first)
+
+
+# how reduce_update_stats combines each key over the processes; the rest (grad_norm, lr)
+# are the same on every process: the gradients are summed before they are clipped
+SUMMED = ("loss", "micro_batches", "trained_episodes")  # loss: each process's is a share of one global mean
+TOKEN_MEANS = ("clip_frac", "kl", "entropy", "logp_diff_mean")
+MINIMA, MAXIMA = ("ratio_min", "is_weight_min"), ("ratio_max", "logp_diff_max")
+
+
+def reduce_update_stats(stats: dict, tokens: float) -> dict:
+    """update()'s statistics over every process, so that a torchrun log line describes
+    the whole step (as its episode statistics do), not rank 0's share: sums, means
+    weighted by each process's trained tokens per optimizer step (`tokens`; a process
+    that trained nothing has None or 0 there and no weight), minima and maxima.
+    One process: `stats` unchanged."""
+    if world()[1] == 1:
+        return stats
+    parts = gather((stats, tokens))
+    out = dict(stats)
+    for k in SUMMED:
+        out[k] = sum(s[k] for s, _ in parts)
+    for k in TOKEN_MEANS:
+        vals = [(s[k], w) for s, w in parts if s[k] is not None and w > 0]
+        if vals:
+            out[k] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    for keys, pick in ((MINIMA, min), (MAXIMA, max)):
+        for k in keys:
+            vals = [s[k] for s, _ in parts if s[k] is not None]
+            out[k] = pick(vals) if vals else None
+    return out
 
 
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
