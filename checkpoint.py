@@ -22,16 +22,35 @@ import torch
 
 
 def rng_state(generator) -> dict:
-    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+    return {"generator": generator.get_state(), "generator_device": generator.device.type,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(generator, rng: dict) -> None:
-    generator.set_state(rng["generator"])
+CPU_GENERATOR_STATE_BYTES = torch.Generator().get_state().numel()  # Mersenne Twister's state
+
+
+def set_rng_state(generator, rng: dict, reseed: int) -> str | None:
+    """Restore the RNG states of one process. Returns None, or the device type that saved
+    the sampling generator when it had to be reseeded with `reseed` instead: --device may
+    change on resume, and a generator's state does not carry over between device types (a
+    CPU generator's is the Mersenne Twister's 5056 bytes, a CUDA generator's a seed and an
+    offset). Reseeding from (seed, process, step) keeps the run deterministic (the same
+    checkpoint resumed twice on the new device samples the same rollouts), though not
+    the rollouts it would have sampled on the old device."""
+    saved = rng.get("generator_device")
+    if saved is None:  # checkpoints from before the field: only a CPU state has this size
+        saved = "cpu" if rng["generator"].numel() == CPU_GENERATOR_STATE_BYTES else "cuda"
+    if saved != generator.device.type:
+        generator.manual_seed(reseed)
+    else:
+        generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     random.setstate(rng["python_rng"])
-    if rng.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    if rng.get("cuda_rng") and torch.cuda.is_available():  # as many GPUs as both runs see
+        for i, state in enumerate(rng["cuda_rng"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+    return saved if saved != generator.device.type else None
 
 
 def save_checkpoint(out_dir, master, tokenizer, optimizer, scheduler, rngs: list[dict], step, args):
@@ -150,7 +169,7 @@ def prepare_output_dir(args) -> dict | None:
     if not args.resume:
         sys.exit(f"error: {out} already has a run; pass --resume to continue it or choose another --output-dir")
     try:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = load_trainer_state(ckpt)
     except Exception as e:  # a truncated or corrupt file: say which, and what to do
         sys.exit(f"error: {ckpt}/trainer_state.pt is unreadable ({type(e).__name__}); delete {ckpt} to restart the run")
     saved, now = state["config"], vars(args)
@@ -160,6 +179,13 @@ def prepare_output_dir(args) -> dict | None:
         sys.exit(f"error: --resume with settings that differ from the checkpoint: {', '.join(changed)}. "
                  f"Only --steps, --eval-every, --save-every, --device and --log may change; use a new --output-dir for the rest")
     return state
+
+
+def load_trainer_state(ckpt: str) -> dict:
+    """trainer_state.pt, onto the CPU whatever device saved it (--device may change on
+    resume, and under torchrun each process trains on its own GPU):
+    optimizer.load_state_dict then moves the optimizer state to the parameters' device."""
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
 
 
 def truncate_log(path, step) -> None:

@@ -264,6 +264,11 @@ class Prefix:
     into micro-batches: each continuation's backward stops at `leaves` (detached copies
     of the keys and values, which accumulate its gradient), and `backward()` at the end
     sends the accumulated gradient through the prompt's graph once.
+
+    The leaves are float32 (in bf16 training too), so the prompt's gradient accumulates
+    over micro-batches in float32, as the weights' gradients do (precision.MasterWeights):
+    cache() casts them to the compute dtype, and each micro-batch's bf16 gradient comes
+    back through that cast as float32. In float32 training the cast is the tensor itself.
     """
 
     def __init__(self, model, ids: list[int], device):
@@ -275,7 +280,7 @@ class Prefix:
         out = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True)
         for layer in out.past_key_values.layers:
             self.kv += [layer.keys, layer.values]
-            self.leaves += [t.detach().requires_grad_(grad) for t in (layer.keys, layer.values)]
+            self.leaves += [t.detach().float().requires_grad_(grad) for t in (layer.keys, layer.values)]
 
     def cache(self, n: int):
         """A fresh cache holding the prefix for n rows (expand: no copy until the concat)."""
@@ -283,13 +288,13 @@ class Prefix:
 
         cache = DynamicCache()
         for i in range(0, len(self.leaves), 2):
-            k, v = self.leaves[i], self.leaves[i + 1]
+            k, v = self.leaves[i].to(self.kv[i].dtype), self.leaves[i + 1].to(self.kv[i + 1].dtype)
             cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), i // 2)
         return cache
 
     def backward(self) -> None:
         """Send the gradient the continuations left on `leaves` through the prefix's forward."""
-        pairs = [(t, leaf.grad) for t, leaf in zip(self.kv, self.leaves) if leaf.grad is not None]
+        pairs = [(t, leaf.grad.to(t.dtype)) for t, leaf in zip(self.kv, self.leaves) if leaf.grad is not None]
         if pairs and pairs[0][0].requires_grad:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         self.kv, self.leaves = [], []

@@ -63,6 +63,21 @@ def resolve(precision: str, device) -> str:
     return "fp32"  # other backends (mps, xpu): the safe choice
 
 
+def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the model's floating-point parameters to `dtype` in place (the Parameter
+    objects stay, tied weights stay tied) and leave its buffers as they are. Not
+    model.to(dtype), which casts the buffers too, among them the rotary embedding's
+    inv_freq and original_inv_freq: transformers computes them in float32 and keeps them
+    float32 even in from_pretrained(dtype=bfloat16) (checked with transformers 5.23 on
+    the embedded Llama; Qwen2's rotary embedding is the same code). A model cast with
+    .to() would then turn its rotary angles from a bf16-rounded inv_freq, and be another
+    policy than the same weights loaded in bf16, which is how evaluate.py loads them."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 class MasterWeights:
     """float32 master copies of a model's trainable weights; the model itself is cast to
     the compute dtype. In fp32 the master weights *are* the model's parameters, and
@@ -86,7 +101,7 @@ class MasterWeights:
         self.mixed = self.dtype != torch.float32
         if self.mixed:
             self.params = [p.detach().clone().requires_grad_(True) for p in self.model_params]
-            model.to(self.dtype)  # in place: .data of each parameter becomes bf16, objects stay the same
+            cast_params(model, self.dtype)  # the parameters only: buffers stay as a bf16 load leaves them
         else:
             self.params = self.model_params
 

@@ -65,6 +65,24 @@ def chat_glue(tokenizer, tool_message: dict) -> list[int]:
     return tokenizer.encode(text[text.index(mark) + len(mark) :], add_special_tokens=False)
 
 
+def turn_end_ids(model, tokenizer) -> frozenset[int]:
+    """The token ids that end an assistant turn: the tokenizer's EOS, the model's
+    generation_config.eos_token_id (an int or a list), and the chat template's end of
+    turn, the special token that the template puts right after an assistant message's
+    content (the first token of chat_glue). They are not always one token: Qwen2.5-7B
+    (the base model) has EOS <|endoftext|>, and its ChatML template ends turns with
+    <|im_end|>, which is what a model trained on that template writes at the end of a turn."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    glue = chat_glue(tokenizer, {"role": "user", "content": "x"})
+    if glue:  # only a special token: a template that ends turns with plain text ("\n") must not stop at every newline
+        added = tokenizer.added_tokens_decoder.get(glue[0])
+        if glue[0] in tokenizer.all_special_ids or (added is not None and added.special):
+            ids.add(glue[0])
+    return frozenset(i for i in ids if i is not None)
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -238,7 +256,7 @@ def _extend(ep: Episode, ids: list[int], turn: int = 0, logp: float = 0.0) -> No
     ep.sample_logp += [logp] * len(ids)
 
 
-def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: bool) -> bool:
+def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: bool, end_ids: frozenset[int]) -> bool:
     """The row's assistant turn is over: the environment (tool_env.env_step) ends the
     episode or returns the tool's <result>, whose chat-template glue ids are appended
     and fed later. Returns whether the episode goes on."""
@@ -251,26 +269,26 @@ def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: boo
         return False
     ep.messages.append(step.message)
     glue = chat_glue(tokenizer, step.message)
-    if last == tokenizer.eos_token_id and glue[:1] == [last]:
-        glue = glue[1:]  # the model already closed its turn
+    if last in end_ids and glue[:1] == [last]:
+        glue = glue[1:]  # the model already closed its turn with the template's own token
     _extend(ep, glue)
     row.feed, row.parked = [last] + glue, True
     row.turn, row.turn_start = row.turn + 1, len(ep.token_ids)
     return True
 
 
-def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: RolloutConfig) -> bool:
-    """Append one sampled token; end the turn at </tool>, </answer>, EOS or the turn's
-    token budget. Returns whether the episode goes on."""
+def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: RolloutConfig, end_ids: frozenset[int]) -> bool:
+    """Append one sampled token; end the turn at </tool>, </answer>, an end-of-turn token
+    (`end_ids`: turn_end_ids) or the turn's token budget. Returns whether the episode goes on."""
     ep = row.ep
     row.n_sampled += 1
     _extend(ep, [tok], row.turn, logp)
     row.feed = [tok]
     tail = tokenizer.decode(ep.token_ids[max(row.turn_start, len(ep.token_ids) - 8) :])
-    stopped = tok == tokenizer.eos_token_id or any(s in tail for s in STOP_STRINGS)
+    stopped = tok in end_ids or any(s in tail for s in STOP_STRINGS)
     if not stopped and len(ep.token_ids) - row.turn_start < cfg.max_turn_tokens:
         return True
-    return _end_turn(row, tokenizer, tools, cfg, stopped)
+    return _end_turn(row, tokenizer, tools, cfg, stopped, end_ids)
 
 
 @no_dropout
@@ -307,6 +325,7 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
         for r, f in zip(live, force):
             r.force = list(f)
     episodes = [r.ep for r in live]
+    end_ids = turn_end_ids(model, tokenizer)
     batch = DecodeBatch(model, len(rows), pad)
     # 1. prefill each distinct prompt once, then copy its cache to its G rollouts
     logits = batch.forward(prompts).repeat_interleave(group_size, dim=0)
@@ -322,7 +341,7 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
         # 3. record it; at the end of a turn the environment ends the episode or answers.
         # A parked row was fed a hole: its logits mean nothing, it records nothing.
         keep = [r for r, row in enumerate(live)
-                if row.parked or _record(row, int(tokens[r]), float(logps[r]), tokenizer, tools, cfg)]
+                if row.parked or _record(row, int(tokens[r]), float(logps[r]), tokenizer, tools, cfg, end_ids)]
         if len(keep) < len(live):
             batch.keep(keep)
             live = [live[r] for r in keep]

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -27,12 +28,16 @@ def _update_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -
     from conftest import run_update, two_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import train
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls, all_reduce = [], dist.all_reduce
+    train.dist.all_reduce = lambda t, *a, **k: calls.append(t.numel()) or all_reduce(t, *a, **k)
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     eps, advs = two_groups(torch.Generator().manual_seed(0))  # the same on every process
     mine = slice(3 * rank, 3 * rank + 3)  # G = 3: this process's question
     upd, grads = run_update(model, eps[mine], advs[mine], ["--micro-batch-tokens", "40"], 0)
-    torch.save({"loss": upd["loss"], "grads": grads}, f"{out}.{rank}")
+    torch.save({"upd": upd, "grads": grads, "all_reduce_calls": len(calls)}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -45,8 +50,17 @@ def test_two_processes_give_the_update_of_one(tiny, tmp_path):
     out = str(tmp_path / "grads")
     mp.spawn(_update_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
-    # each process's loss is its share of one global mean (the normalizer counts both)
-    assert abs(parts[0]["loss"] + parts[1]["loss"] - one["loss"]) < 1e-5
+    # every process reports the statistics of the whole update (train.reduce_update_stats):
+    # the loss (each process's is its share of one global mean), the token means, the
+    # extremes and the counts are those of one process with all the episodes
+    assert one["trained_episodes"] == 6 and one["logp_diff_max"] > 0 and one["is_weight_min"] < 1
+    for p in parts:
+        upd = p["upd"]
+        assert upd.keys() == one.keys()
+        for k, v in one.items():
+            assert upd[k] == (v if v is None or isinstance(v, int) else pytest.approx(v, rel=1e-5, abs=1e-9)), k
+    # mu = 2 optimizer steps, each: which parameters were touched, then one bucket of gradients
+    assert all(p["all_reduce_calls"] == 2 * 2 for p in parts)
     for r in range(2):  # after the all-reduce every process holds the whole batch's gradient
         for g, g1 in zip(parts[r]["grads"], grads):
             torch.testing.assert_close(g, g1, atol=1e-6, rtol=1e-4)
@@ -68,3 +82,92 @@ def test_torchrun_training_logs_one_line_per_step(tiny, tmp_path):
     assert json.load(open(out / "config.json"))["processes"] == 2
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and len(state["rng"]) == 2  # every process's random state, for --resume
+
+
+class FakeNccl:
+    """A 2-process world simulated by two threads, for train.sum_gradients: all_reduce
+    sums over the threads, records every tensor's device, and refuses a CPU tensor as
+    NCCL does (it has no CPU backend)."""
+
+    def __init__(self, world=2):
+        import threading
+
+        self.world, self.local = world, threading.local()
+        self.barrier, self.slots, self.calls = threading.Barrier(world), {}, []
+
+    def rank(self):
+        return self.local.rank, self.world
+
+    def all_reduce(self, t):
+        if t.device.type == "cpu":
+            raise RuntimeError("No backend type associated with device type cpu")  # NCCL's error
+        n = self.local.n = getattr(self.local, "n", 0) + 1  # this process's n-th collective
+        self.calls.append((self.local.rank, t.device.type, t.numel()))
+        self.slots[n, self.local.rank] = t.clone()
+        self.barrier.wait()
+        t.copy_(sum(self.slots[n, r] for r in range(self.world)))
+        self.barrier.wait()  # everyone has read slot n
+
+    def run(self, fn, *args):
+        """fn(rank, *args) on each simulated process; their results in rank order."""
+        import threading
+
+        out, errors = [None] * self.world, []
+
+        def body(rank):
+            self.local.rank = rank
+            try:
+                out[rank] = fn(rank, *args)
+            except Exception as e:  # noqa: BLE001: reported below
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+def test_sum_gradients_keeps_tensors_on_the_device_and_sends_few_buckets(tiny, monkeypatch):
+    """NCCL (torchrun on GPUs) refuses CPU tensors: with the parameters on a non-CPU
+    device (torch's lazy device, which runs on the CPU), every tensor handed to
+    all_reduce is on that device, the tiny model's gradients travel in one bucket (plus
+    the all-reduce of which parameters were touched), and the sums are right, with
+    parameters touched by one process only (zeros from the other) or by none (grad None)."""
+    import train
+
+    pytest.importorskip("torch._lazy.ts_backend", reason="this torch build has no lazy device").init()
+    fake = FakeNccl()
+    monkeypatch.setattr(train, "world", fake.rank)
+    monkeypatch.setattr(train.dist, "all_reduce", fake.all_reduce)
+    shapes = [p.shape for p in tiny[0].parameters()]
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+    skip = [{1}, {1, 2}]  # parameter 1: no process touched it; parameter 2: only rank 0
+
+    def step(rank, bucket):
+        params = [torch.nn.Parameter(torch.zeros(s, device="lazy")) for s in shapes]
+        for i, (p, gr) in enumerate(zip(params, grads[rank])):
+            p.grad = None if i in skip[rank] else gr.to("lazy")
+        train.sum_gradients(params, **bucket)
+        return [None if p.grad is None else p.grad.cpu() for p in params]
+
+    for bucket, n_calls in (({}, 2), ({"bucket_elements": 10_000}, None)):
+        fake.calls.clear()
+        out = fake.run(step, bucket)
+        assert {d for _, d, _ in fake.calls} == {"lazy"}
+        per_rank = len(fake.calls) // 2
+        if n_calls:
+            assert per_rank == n_calls  # the touched flags, then one bucket of every gradient
+        else:  # small buckets: still far fewer calls than parameters, each within the bucket size
+            biggest = max(s.numel() for s in shapes)  # a parameter larger than a bucket travels alone
+            assert 2 < per_rank < len(shapes) and all(n <= max(10_000, biggest) for _, _, n in fake.calls[2:])
+        for grads_r in out:
+            assert grads_r[1] is None
+            torch.testing.assert_close(grads_r[2], grads[0][2])
+            for i in set(range(len(shapes))) - {1, 2}:
+                torch.testing.assert_close(grads_r[i], grads[0][i] + grads[1][i])

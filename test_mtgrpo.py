@@ -248,3 +248,33 @@ def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer):
     assert shared["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
     for a, b in zip(g_full, g_shared):
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-4)
+
+
+def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny):
+    """In bf16 training the prompt's keys and values are bf16, but the leaves that collect
+    their gradient over micro-batches are float32: the accumulated gradient is the
+    float32 sum of each micro-batch's gradient (a bf16 leaf would round every partial sum)."""
+    import copy
+
+    import precision
+
+    model = copy.deepcopy(tiny[0])
+    precision.MasterWeights(model, "bf16")
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 1000, (30,), generator=g).tolist()
+    chunks = [torch.randint(0, 1000, (2, 8), generator=g) for _ in range(3)]  # three micro-batches
+
+    def loss(prefix, ids):
+        logp, _ = mtgrpo.token_logprobs(model, ids, torch.ones_like(ids), prefix=prefix)
+        return -logp.sum()
+
+    prefix = mtgrpo.Prefix(model, prompt, "cpu")
+    assert prefix.kv[0].dtype == torch.bfloat16 and all(leaf.dtype == torch.float32 for leaf in prefix.leaves)
+    each = [torch.autograd.grad(loss(prefix, ids), prefix.leaves) for ids in chunks]  # one micro-batch's gradient each
+    for ids in chunks:
+        loss(prefix, ids).backward()
+    for i, leaf in enumerate(prefix.leaves):
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad, each[0][i] + each[1][i] + each[2][i], atol=0, rtol=1e-6)
+    prefix.backward()  # and on into the prompt's forward (bf16 weights' grads)
+    assert model.get_input_embeddings().weight.grad is not None

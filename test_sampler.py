@@ -146,3 +146,37 @@ def test_real_model_logprob_consistency(tokenizer, tools):
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "Egypt", "highest point Egypt", None])
     assert eps[0].num_turns == 2
     check_consistency(model, tokenizer, eps)
+
+
+# ------------------------------------------------------------------ where a turn ends
+
+
+def test_a_turn_ends_at_the_templates_end_of_turn_token_when_eos_differs(tiny, tokenizer, tools):
+    """As for Qwen2.5-7B (base): EOS is <|endoftext|> (tokenizer and generation_config),
+    but the chat template ends a turn with <|im_end|>. A model that closes its turn with
+    <|im_end|> has ended the turn; the tokens after it are never sampled, and a turn
+    that goes on to a tool result gets the template's glue without a second <|im_end|>."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    model = copy.deepcopy(tiny[0])
+    model.generation_config.eos_token_id = model.config.eos_token_id = tok.eos_token_id
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end
+    turn = tok.encode("<reasoning>no tool needed</reasoning>", add_special_tokens=False) + [im_end]
+    after = tok.encode(" and then some more text that goes on", add_special_tokens=False)
+    cfg = sampler.RolloutConfig(max_turn_tokens=40, temperature=1.0, top_k=0)
+    call = tok.encode("<tool>not json", add_special_tokens=False) + [im_end]  # an attempt: an Error result comes back
+    answer = tok.encode("<answer>Cairo</answer>", add_special_tokens=False)
+    eps = sampler.sample_episodes(model, tok, Q[:1], tools, 2, cfg, torch.Generator().manual_seed(0),
+                                  force=[turn + after, call + answer])
+    assert [t for t, m in zip(eps[0].token_ids, eps[0].loss_mask) if m] == turn
+    assert eps[0].end_reason == "no_action" and eps[0].messages[-1]["content"] == "<reasoning>no tool needed</reasoning>"
+    e = eps[1]
+    assert e.end_reason == "answer" and [t for t, k in zip(e.token_ids, e.token_turns) if k == 2] == answer
+    glue = sampler.chat_glue(tok, e.messages[-2])
+    end1 = e.token_turns.index(2)  # turn 1, the glue, then turn 2
+    assert e.token_ids[end1 - len(call) - len(glue) + 1 : end1] == call + glue[1:]  # one <|im_end|>: the model's
+    assert sampler.turn_end_ids(model, tok) == {tok.eos_token_id, im_end}
+    assert sampler.turn_end_ids(tiny[0], tokenizer) == {im_end}  # the embedded tokenizer: one token, as before

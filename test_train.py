@@ -146,6 +146,36 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
         train.main(train_args(path, tmp_path / "cut", 3))
 
 
+def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
+    """--device may change on resume. A checkpoint written on a GPU holds CUDA tensors
+    (the optimizer state) and a CUDA generator's state (16 bytes: seed and offset, which
+    a CPU generator refuses). Made here by saving with CUDA location tags: it resumes on
+    the CPU, reseeds the sampling generator with a one-line note, and says nothing about
+    deleting the (good) checkpoint."""
+    import torch.serialization
+
+    _, path = tiny
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
+    out = tmp_path / "run"
+    quick = ["--eval-every", "0", "--probe-questions", "0"]
+    assert train.main(train_args(path, out, 1, quick)) == 0
+    file = out / "checkpoint" / "trainer_state.pt"
+    state = torch.load(file, weights_only=False)
+    state["rng"][0].update(generator=torch.tensor([0] * 16, dtype=torch.uint8), generator_device="cuda")
+    with monkeypatch.context() as m:  # every storage tagged as on cuda:0, as a GPU run writes them
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, file)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(file, weights_only=False)  # what loading it without map_location does here
+    capsys.readouterr()
+    assert train.main(train_args(path, out, 2, [*quick, "--resume"])) == 0
+    printed = capsys.readouterr().out
+    assert "delete" not in printed
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "sampled on cuda, this run samples on cpu" in notes[0]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
     monkeypatch.setattr(sampler, "score_episodes", fake_scores)
@@ -226,6 +256,54 @@ def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkey
     # resume continues from the float32 master weights
     assert train.main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"])) == 0
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # step 0: the probe of the initial policy
+
+
+def test_bf16_training_model_is_the_model_a_bf16_load_gives(tiny):
+    """MasterWeights casts the parameters only: its bf16 model has the buffers (rotary
+    inv_freq, float32) and the logits of the same weights loaded with dtype=bf16, as
+    evaluate.py loads them."""
+    import copy
+
+    model, path = tiny
+    trained = copy.deepcopy(model)
+    precision.MasterWeights(trained, "bf16")
+    loaded, _ = mtgrpo.load_model(path, "cpu", torch.bfloat16)
+    mine, theirs = dict(trained.named_buffers()), dict(loaded.named_buffers())
+    assert mine.keys() == theirs.keys() and "model.rotary_emb.inv_freq" in mine
+    for name, b in theirs.items():
+        assert mine[name].dtype == b.dtype and torch.equal(mine[name], b), name
+    ids = torch.randint(0, 1000, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_bf16_in_training_evaluation_equals_evaluate_py(tiny, tmp_path, monkeypatch):
+    """The greedy evaluation train.py logs and evaluate.py's scoring of the checkpoint it
+    saved at that step score one policy: the same metrics and the same trajectories, down
+    to every sampled token's log-prob (added to both's trajectory records here: a bf16
+    inv_freq moves the tiny model's log-probs without flipping its greedy tokens)."""
+    import evaluate
+
+    _, path = tiny
+    records = evaluate.trajectory_records
+    monkeypatch.setattr(evaluate, "trajectory_records", lambda name, eps: [
+        {**r, "token_ids": e.token_ids, "sample_logp": e.sample_logp} for r, e in zip(records(name, eps), eps)])
+    monkeypatch.setattr(sampler, "score_episodes", fake_scores)  # for both: training updates, both score alike
+    task = ["--task", "triviaqa:fixtures/triviaqa", "--corpus", "fixtures/triviaqa/corpus.jsonl"]
+    out = tmp_path / "run"
+    assert train.main(train_args(path, out, 1, [*task, "--precision", "bf16", "--eval-every", "1", "--eval-split",
+                                                "train", "--eval-questions", "0", "--max-turn-tokens", "24",
+                                                "--probe-questions", "0"])) == 0
+    assert evaluate.main(["--model", str(out), *task, "--split", "train", "--limit", "0", "--precision", "bf16",
+                          "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    logged = json.loads((out / "evals" / "step0001.json").read_text())["results"]
+    scored = json.loads((tmp_path / "eval.json").read_text())["results"][str(out)]
+    assert {k: scored[k] for k in logged} == logged
+
+    def trajectories(file):
+        return [{k: v for k, v in json.loads(line).items() if k != "model"} for line in open(file)]
+
+    assert trajectories(out / "evals" / "step0001.trajectories.jsonl") == trajectories(tmp_path / "eval.trajectories.jsonl")
 
 
 def test_precision_auto_follows_the_hardware_check(monkeypatch):

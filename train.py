@@ -296,7 +296,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         totals["tokens"] += tok_sum
     mu, n_first = cfg.mu, totals["tokens"] / cfg.mu
     later = mu > 1 and todo  # clip_frac and the ratio range of iterations 1..mu-1 (none with mu = 1)
-    return {
+    return reduce_update_stats({
         "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"] - n_first, 1) if later else None,
         "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
         "ratio_min": totals.get("ratio_min", 1.0) if later else None,
@@ -305,7 +305,37 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
         "is_weight_min": totals.get("is_weight_min", 1.0),
         "lr": lr, "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
-    }
+    }, n_first)
+
+
+# how reduce_update_stats combines each key over the processes; the rest (grad_norm, lr)
+# are the same on every process: the gradients are summed before they are clipped
+SUMMED = ("loss", "micro_batches", "trained_episodes")  # loss: each process's is a share of one global mean
+TOKEN_MEANS = ("clip_frac", "kl", "entropy", "logp_diff_mean")
+MINIMA, MAXIMA = ("ratio_min", "is_weight_min"), ("ratio_max", "logp_diff_max")
+
+
+def reduce_update_stats(stats: dict, tokens: float) -> dict:
+    """update()'s statistics over every process, so that a torchrun log line describes
+    the whole step (as its episode statistics do), not rank 0's share: sums, means
+    weighted by each process's trained tokens per optimizer step (`tokens`; a process
+    that trained nothing has None or 0 there and no weight), minima and maxima.
+    One process: `stats` unchanged."""
+    if world()[1] == 1:
+        return stats
+    parts = gather((stats, tokens))
+    out = dict(stats)
+    for k in SUMMED:
+        out[k] = sum(s[k] for s, _ in parts)
+    for k in TOKEN_MEANS:
+        vals = [(s[k], w) for s, w in parts if s[k] is not None and w > 0]
+        if vals:
+            out[k] = sum(v * w for v, w in vals) / sum(w for _, w in vals)
+    for keys, pick in ((MINIMA, min), (MAXIMA, max)):
+        for k in keys:
+            vals = [s[k] for s, _ in parts if s[k] is not None]
+            out[k] = pick(vals) if vals else None
+    return out
 
 
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
@@ -336,7 +366,10 @@ def world() -> tuple[int, int]:
 
 
 def gather(obj) -> list:
-    """Every process's `obj`, in rank order ([obj] with one process)."""
+    """Every process's `obj`, in rank order ([obj] with one process). With NCCL,
+    all_gather_object stages the pickled bytes on torch.cuda.current_device(), so each
+    process must have set its own GPU first (setup_distributed does); otherwise every
+    rank would use GPU 0."""
     if world()[1] == 1:
         return [obj]
     out = [None] * world()[1]
@@ -344,22 +377,44 @@ def gather(obj) -> list:
     return out
 
 
-def sum_gradients(params) -> None:
+BUCKET_ELEMENTS = 32 * 2**20  # float32 elements per all-reduce: 128 MB, a few buckets for a 7B model's gradients
+
+
+def sum_gradients(params, bucket_elements: int = BUCKET_ELEMENTS) -> None:
     """Sum the float32 gradients over the processes (each process's loss is already divided
-    by the global normalizer, so the sum is the gradient of the whole batch). One
-    all-reduce per optimizer step, not DDP's per-backward hooks: an update here runs
-    several backward passes (micro-batches and each group's shared prompt) into the float32
-    master gradients, and only their total needs to travel. Parameters no process
-    touched keep grad None, as with one process (AdamW then skips them)."""
-    if world()[1] == 1:
+    by the global normalizer, so the sum is the gradient of the whole batch). Once per
+    optimizer step, not DDP's per-backward hooks: an update here runs several backward
+    passes (micro-batches and each group's shared prompt) into the float32 master
+    gradients, and only their total needs to travel.
+
+    Every tensor handed to a collective lives on the parameters' device: NCCL (torchrun
+    on GPUs) has no CPU backend. The gradients travel flattened into buckets of at most
+    `bucket_elements` (one all-reduce each; a parameter larger than that is a bucket of
+    its own), not one all-reduce per parameter: a few large messages instead of hundreds
+    of small ones, at the cost of one bucket's copy. Parameters no process touched keep
+    grad None, as with one process (AdamW then skips them); which ones, takes one more
+    (small) all-reduce."""
+    if world()[1] == 1 or not params:
         return
-    touched = torch.tensor([float(p.grad is not None) for p in params])
+    device = params[0].device
+    touched = torch.tensor([float(p.grad is not None) for p in params], device=device)
     dist.all_reduce(touched)
-    for p, t in zip(params, touched.tolist()):
-        if t:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    live = [p for p, t in zip(params, touched.tolist()) if t]
+    for p in live:
+        if p.grad is None:  # touched by another process only: this one adds zeros
+            p.grad = torch.zeros_like(p)
+    buckets, size = [], 0
+    for p in live:  # consecutive parameters of one dtype, up to bucket_elements together
+        if not buckets or size + p.numel() > bucket_elements or p.grad.dtype != buckets[-1][0].grad.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+            p.grad.copy_(g.view_as(p.grad))
 
 
 def setup_distributed(args) -> tuple[int, int]:
@@ -397,7 +452,7 @@ def main(argv=None) -> int:
     if n_proc > 1:
         dist.barrier()
         if rank > 0 and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
-            state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+            state = checkpoint.load_trainer_state(ckpt)
     board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -412,7 +467,7 @@ def main(argv=None) -> int:
     ref_model = None
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
-        ref_model.to(precision.DTYPES[prec]).eval().requires_grad_(False)
+        precision.cast_params(ref_model, precision.DTYPES[prec]).eval().requires_grad_(False)  # as the policy
     if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
         model.get_input_embeddings().weight.requires_grad_(False)
     master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
@@ -429,8 +484,12 @@ def main(argv=None) -> int:
         rngs = state.get("rng") or [state]  # checkpoints of one process before torchrun support kept them at the top
         if len(rngs) != n_proc:
             sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many")
-        checkpoint.set_rng_state(generator, rngs[rank])
         start = state["step"]
+        saved_on = checkpoint.set_rng_state(generator, rngs[rank], reseed=(args.seed + rank) * 1_000_003 + start)
+        if saved_on and rank == 0:
+            print(f"note: the checkpoint sampled on {saved_on}, this run samples on {generator.device.type}, and a "
+                  f"generator's state does not carry over between the two: sampling is reseeded from --seed and "
+                  f"the step {start}, so the rollouts from here on differ from a run continued on {saved_on}")
     if rank == 0:
         if state:
             checkpoint.truncate_log(log_path, start)  # drop lines of steps after the checkpoint
