@@ -27,6 +27,11 @@ PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execut
              ("search_has_answer", "search has answer"), ("exact_match", "exact match"),
              ("R_T", "R^T (training rollouts)"), ("R_O", "R^O (training rollouts)"))
 TRAIN_KEY = {"exact_match": "em"}  # the training log's name for a metric, where it differs
+# the policy-movement probe (probe.py), a row of panels more where the runs logged it; per
+# step, not smoothed: a single update's swing is what they are for
+PROBE_KEYS = (("probe_second_call", "probe: P(second tool call) at turn 2"),
+              ("probe_kl_mean", "probe: KL(before || after) per update, mean"),
+              ("probe_kl_max", "probe: KL(before || after) per update, max"))
 
 
 def read_log(run_dir: str) -> list[dict]:
@@ -87,6 +92,9 @@ def plot_data(run_dirs: list[str], smooth: int = 5) -> list[tuple[str, bool, dic
         lines = {f"{label} (n={len(logs)})": across_seeds(logs if held_out else [smoothed(log, k, smooth) for log in logs], k)
                  for label, logs in groups.items()}
         panels.append((title, held_out, lines))
+    if any(k in r for logs in groups.values() for log in logs for r in log for k, _ in PROBE_KEYS):
+        for key, title in PROBE_KEYS:
+            panels.append((title, False, {f"{label} (n={len(logs)})": across_seeds(logs, key) for label, logs in groups.items()}))
     return panels
 
 
@@ -98,14 +106,18 @@ def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for ax, (title, held_out, lines) in zip(axes.flat, plot_data(run_dirs, smooth)):
+    panels = plot_data(run_dirs, smooth)
+    rows = (len(panels) + 2) // 3
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 3.5 * rows))
+    for ax, (title, held_out, lines) in zip(axes.flat, panels):
         for label, (steps, mean, lo, hi) in lines.items():
             line, = ax.plot(steps, mean, marker="o" if held_out else None, label=label)
             if lo != hi:
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if title.startswith("probe: KL"):
+            ax.set_yscale("symlog", linthresh=1e-3)  # KL spans decades; 0 (no update) stays drawable
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -37,6 +37,16 @@ def test_plot_data_is_the_mean_and_range_over_seeds(tmp_path):
     panels = {title: (held_out, lines) for title, held_out, lines in report.plot_data([str(tmp_path / "e-s0")])}
     held_out, lines = panels["tool-call rate (test)"]
     assert held_out and lines["e (n=1)"] == ([0, 2], [0.2, 0.8], [0.2, 0.8], [0.2, 0.8])
+    assert not any(t.startswith("probe") for t in panels)  # no run logged the probe: no probe panels
+    # the probe's panels: per step, not smoothed (an update's swing is the point), mean and range over seeds
+    _write_log(tmp_path / "p-s0", [{"step": 0, "probe_second_call": 0.4}, {"step": 1, "probe_second_call": 0.2, "probe_kl_mean": 0.01}])
+    _write_log(tmp_path / "p-s1", [{"step": 0, "probe_second_call": 0.6}, {"step": 1, "probe_second_call": 0.0, "probe_kl_mean": 0.03}])
+    probe_runs = [str(tmp_path / "p-s0"), str(tmp_path / "p-s1")]
+    panels = {title: lines for title, _, lines in report.plot_data(probe_runs, smooth=2)}
+    assert panels["probe: P(second tool call) at turn 2"]["p (n=2)"] == ([0, 1], [0.5, 0.1], [0.4, 0.0], [0.6, 0.2])
+    steps, mean, lo, hi = panels["probe: KL(before || after) per update, mean"]["p (n=2)"]
+    assert steps == [1] and mean == pytest.approx([0.02]) and (lo, hi) == ([0.01], [0.03])
+    assert report.plot_runs(probe_runs, str(tmp_path / "probe.png")).endswith("probe.png")
     out = report.plot_runs(runs, str(tmp_path / "curves.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="no log.jsonl"):

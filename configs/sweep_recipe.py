@@ -13,8 +13,11 @@ there for a reason read off v1's logs, not to sweep everything:
   one large step made of it;
 - 4 questions per step: in v1 one question's 8 rollouts were often the whole signal of
   an update; 4 give each update more groups to average;
-- lr 6e-5 peak: with mu = 1 and the decay, a run takes fewer and smaller steps than
-  v1's 2 x 3e-5 per batch, so the peak is raised to keep its total movement.
+- lr 3e-5 peak, v1's. A first run at 6e-5 (to keep v1's total movement with mu = 1
+  and the decay) collapsed by step 6: every answer became the demonstration's ".jp",
+  entropy 0.24, no reward variance left (results/sweep_recipe/v2-lr6e-5-killed, the
+  demonstration before its change to a plain name). One Adam step per batch at 6e-5
+  is too large here, as two at 1e-4 were in v1's sweep.
 
 Then one lever more, judged on the probe (probe.py; probe_kl_*, probe_second_call):
 - freezing the token embeddings (tied to the LM head): under Adam even a token that is
@@ -32,11 +35,13 @@ import sys
 
 import queue_runs
 
-RECIPE = ["--group-size", "8", "--questions-per-step", "4", "--lr", "6e-5", "--mu", "1",
+RECIPE = ["--group-size", "8", "--questions-per-step", "4", "--lr", "3e-5", "--mu", "1",
           "--warmup-steps", "5", "--lr-schedule", "cosine", "--lr-floor", "0.1",
           "--temperature", "0.9", "--max-turn-tokens", "64", "--fewshot"]
-STEPS = 50
-GRID = [("v2", []), ("v2-frozen-emb", ["--freeze-embeddings"])]
+STEPS = 60
+# v1-control: recipe v1 on today's code and task, for its probe (v1's logs predate it)
+V1 = ["--questions-per-step", "2", "--mu", "2", "--warmup-steps", "0", "--lr-schedule", "constant"]
+GRID = [("v2", []), ("v2-frozen-emb", ["--freeze-embeddings"]), ("v1-control", V1)]
 
 
 def jobs() -> list[tuple[str, list[str]]]:
