@@ -49,7 +49,7 @@ def started(monkeypatch, tmp_path):
     monkeypatch.setattr(queue_runs, "ROOT", str(tmp_path))
     monkeypatch.setattr(queue_runs.subprocess, "Popen", popen)
     monkeypatch.setattr(queue_runs.time, "sleep", lambda s: None)
-    monkeypatch.setattr(queue_runs.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(queue_runs, "usable_cores", lambda: 4)
     return calls
 
 

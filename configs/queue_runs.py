@@ -11,7 +11,10 @@ One run at a time with every core, by default: on the 2-core CPU, two one-thread
 side by side sampled 2.8x slower each than one two-thread run alone (median sampling
 time per step of GRPO-OR, seed 0 beside MT-GRPO vs seed 1 alone: 12.6 s vs 4.5 s),
 because sampling is many small matrix products. `--parallel N` gives each of N runs
-cores/N threads.
+cores/N threads. The cores are those the driver may use: `taskset -c 0 python
+configs/compare.py` runs everything on core 0 with one thread and leaves core 1 free
+(a test suite sharing the cores of a two-thread run slowed its updates 3-8x, as every
+parallel region waits for the thread that lost its core).
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def copy_results(out_dir: str, dest: str) -> None:
         shutil.copytree(os.path.join(out_dir, "evals"), os.path.join(dest, "evals"), dirs_exist_ok=True)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (`taskset -c 0 python configs/...` gives the runs
+    one core and leaves the other free for other work), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def start(args: list[str], threads: int) -> subprocess.Popen | None:
     out_dir = flag(args, "--output-dir")
     steps = int(flag(args, "--steps"))
@@ -71,7 +80,7 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, results: str, copy
     """Run the jobs, `parallel` at a time; returns the number that failed."""
     os.chdir(ROOT)
     todo, running, failed = list(jobs), {}, 0
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, usable_cores() // parallel)
     last_copy = time.time()
     while todo or running:
         while todo and len(running) < parallel:
