@@ -135,29 +135,59 @@ def compute_advantages(
     scale: str = "std",
     eps: float = 1e-4,
     merged_fallback: bool = False,
+    gamma: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token advantages (N, L); 0 where token_turns == 0.
+    """Per-token advantages (N, L); 0 where token_turns == 0 (token_turns: k on the
+    tokens of the k-th assistant turn).
+
+    turn_rewards: (N,), the paper's one tool turn, or (N, T): column j - 1 is R^T_j,
+    the reward of tool turn j (0 for an episode that did not reach it).
 
     grpo-or:  A = norm(R^O) on every assistant token.
-    grpo-mr:  A = norm(R^O + R^T) on every assistant token.
-    mt-grpo:  A = norm(R^O) + turn_coef * norm(R^T) on turn-1 tokens (before the first
-              tool result), A = norm(R^O) on later turns. An episode with no tool
+    grpo-mr:  A = norm(R^O + sum_j R^T_j) on every assistant token.
+    mt-grpo:  on the tokens of turn k,
+                  A = norm(R^O) + turn_coef * sum_{j >= k} gamma^(j - k) norm(R^T_j),
+              the turn-level reward-to-go, each column normalized within its group; a
+              turn after the last one with a turn reward (the answer) gets norm(R^O).
+              With T = 1 this is the paper's Figure 1: norm(R^O) + turn_coef *
+              norm(R^T) on turn 1, norm(R^O) on turn 2. An episode with no tool
               result is all turn 1.
     merged_fallback: the reference code's rule, not in the paper: an mt-grpo episode
               without a tool result gets the grpo-mr advantage on all its tokens.
+
+    Why the reward-to-go, not turn k's own reward alone: a turn's action also decides
+    what later turns can reach (a first search that finds the bridge entity is what
+    lets the second search find the answer), so turn k is credited with every turn
+    reward from k on, as the outcome reward credits every turn with the outcome.
+
+    Why every column over the whole group, with 0 where an episode stopped before turn
+    j, and every episode summing every column j >= k: then the baseline subtracted
+    from an episode's advantage has the same terms whatever turn the episode stopped
+    at. Normalizing a column over only the episodes that reached it, and summing only
+    an episode's reached turns, makes the baseline depend on the episode's own decision
+    to stop: an action-dependent baseline, which biases the gradient of that decision
+    (verl issue 7244). Here an episode that stopped early meets the columns of the turns
+    it did not reach at 0, which is below their group mean when others earned reward
+    there: stopping is judged by what it gave up.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     norm = lambda x: group_normalize(x.float(), group_size, scale, eps)  # noqa: E731
+    r_t = turn_rewards if turn_rewards.dim() == 2 else turn_rewards[:, None]  # (N, T)
     assistant = (token_turns > 0).float()
     a_o = norm(outcome_rewards)[:, None]
     if method == "grpo-or":
         return a_o * assistant
-    a_merged = norm(outcome_rewards + turn_rewards)[:, None]
+    a_merged = norm(outcome_rewards + r_t.sum(1))[:, None]
     if method == "grpo-mr":
         return a_merged * assistant
-    turn1 = (token_turns == 1).float()
-    adv = a_o * assistant + turn_coef * norm(turn_rewards)[:, None] * turn1
+    T = r_t.size(1)
+    # to_go[:, k - 1] = sum_{j >= k} gamma^(j - k) norm(R^T_j); column T: no turn reward left
+    to_go = torch.zeros(r_t.size(0), T + 1, device=r_t.device)
+    for k in range(T, 0, -1):
+        to_go[:, k - 1] = norm(r_t[:, k - 1]) + gamma * to_go[:, k]
+    per_token = to_go.gather(1, (token_turns.clamp(min=1, max=T + 1) - 1).long())
+    adv = (a_o + turn_coef * per_token) * assistant
     if merged_fallback:
         no_result = ~(token_turns >= 2).any(dim=1, keepdim=True)
         adv = torch.where(no_result, a_merged * assistant, adv)
@@ -171,8 +201,9 @@ def episode_advantages(episodes: list[Episode], group_size: int, method: str, **
     turns = torch.zeros(len(episodes), L, dtype=torch.long)
     for r, e in enumerate(episodes):
         turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
-    adv = compute_advantages(torch.tensor([e.turn_reward for e in episodes]),
-                             torch.tensor([e.outcome_reward for e in episodes]), turns, group_size, method, **kwargs)
+    T = max(1, max(len(e.turn_rewards) for e in episodes))  # tool turns; 0 past an episode's own
+    r_t = torch.tensor([e.turn_rewards + [0.0] * (T - len(e.turn_rewards)) for e in episodes])
+    adv = compute_advantages(r_t, torch.tensor([e.outcome_reward for e in episodes]), turns, group_size, method, **kwargs)
     return [adv[r, : len(e.token_ids)] for r, e in enumerate(episodes)]
 
 

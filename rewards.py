@@ -5,7 +5,7 @@ Every function here is pure: it reads an episode's messages (the chat as a list 
 and the gold aliases, and returns a score in [0, 1]. The two sums the algorithm uses
 weight them once, with the reference's weights (TURN_WEIGHTS, OUTCOME_WEIGHTS):
 
-    R^T = 0.2 tool_execution + 0.5 search_has_answer                        (about turn 1)
+    R^T_j = 0.2 tool_execution + 0.5 search_has_answer of tool turn j      (about turn j's call)
     R^O = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml      (about the outcome)
 
 `turn_reward` and `outcome_reward` also return every component's score, unweighted, for
@@ -205,12 +205,30 @@ def _weighted(scores: dict, weights: dict, override: dict | None) -> tuple[float
     return sum(w[k] * v for k, v in scores.items()), scores
 
 
+def turn_scores(result: str, aliases: list[str]) -> dict:
+    """The turn-level scores of one tool turn, from its own result: did the call run,
+    and does the first passage of its result contain a gold alias."""
+    ok = not result.startswith(ERROR_PREFIX)
+    return {"tool_execution": float(ok),
+            "search_has_answer": float(ok and contains_alias(result.split(PASSAGE_SEP)[0], aliases))}
+
+
+def turn_rewards(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[list[float], dict]:
+    """R^T_j of each tool turn j (the turns whose call got a result), each the sum of
+    TURN_WEIGHTS[c] x turn j's own score c (`weights` overrides some). With one tool
+    turn, [R^T] of the paper. Returns ([R^T_1, ...], {component: unweighted score of
+    the episode}, as logged: the fraction of calls that ran, and whether the first
+    result has the answer)."""
+    per_turn = [_weighted(turn_scores(r, aliases), TURN_WEIGHTS, weights)[0] for r in tool_results(messages)]
+    return per_turn, {"tool_execution": tool_execution_reward(messages),
+                      "search_has_answer": search_has_answer_reward(messages, aliases)}
+
+
 def turn_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
-    """R^T = sum of TURN_WEIGHTS[c] x score c (`weights` overrides some). Returns (R^T,
-    {component: unweighted score})."""
-    scores = {"tool_execution": tool_execution_reward(messages),
-              "search_has_answer": search_has_answer_reward(messages, aliases)}
-    return _weighted(scores, TURN_WEIGHTS, weights)
+    """R^T = the sum of the tool turns' rewards (turn_rewards); with one tool turn the
+    paper's sum of TURN_WEIGHTS[c] x score c. Returns (R^T, {component: unweighted score})."""
+    per_turn, scores = turn_rewards(messages, aliases, weights)
+    return sum(per_turn), scores
 
 
 def outcome_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:

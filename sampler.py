@@ -40,9 +40,14 @@ class Episode:
     sample_logp: list[float]  # log-prob of each sampled token at sampling time, 0 elsewhere
     messages: list[dict]
     end_reason: str = ""
-    turn_reward: float = 0.0  # R^T
+    turn_rewards: list[float] = field(default_factory=list)  # R^T_j of each tool turn j
     outcome_reward: float = 0.0  # R^O
     components: dict = field(default_factory=dict)
+
+    @property
+    def turn_reward(self) -> float:
+        """R^T: the sum over the tool turns (one in the paper's episode)."""
+        return sum(self.turn_rewards)
 
     @property
     def num_turns(self) -> int:
@@ -359,9 +364,9 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
 
 
 def score_episodes(episodes: list[Episode]) -> None:
-    """Fill R^T, R^O and their components' scores on each episode (rewards.py)."""
+    """Fill R^T (per tool turn), R^O and their components' scores on each episode (rewards.py)."""
     for ep in episodes:
-        ep.turn_reward, t_parts = rewards.turn_reward(ep.messages, ep.aliases)
+        ep.turn_rewards, t_parts = rewards.turn_rewards(ep.messages, ep.aliases)
         ep.outcome_reward, o_parts = rewards.outcome_reward(ep.messages, ep.aliases)
         ep.components = {**t_parts, **o_parts}
 

@@ -76,6 +76,55 @@ def test_merged_fallback_changes_only_episodes_without_a_tool_result():
     torch.testing.assert_close(off[1], torch.tensor([0.0, -s(1) + s(0.5), 0.0, -s(1)]))
 
 
+def test_k_turn_advantages_hand_computed():
+    """One group of 3 episodes with 1, 2 and 3 assistant turns (T = 2 tool turns):
+    A answered at once, B searched once then answered, C searched twice then answered.
+    Column 1 R^T_1 = [0, 1, 2] (mean 1, std 1), column 2 R^T_2 = [0, 0, 3] (mean 1,
+    std sqrt 3): A and B never reached turn 2 and hold 0 there. R^O = [2, 0, 1]."""
+    e = 1e-4
+    r_t = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 3.0]])
+    r_o = torch.tensor([2.0, 0.0, 1.0])
+    turns = torch.tensor([[0, 1, 1, 0, 0, 0, 0],  # A: prompt, turn 1, then padding
+                          [0, 1, 0, 2, 0, 0, 0],  # B: turn 1, result, turn 2
+                          [0, 1, 0, 2, 0, 3, 3]])  # C: turn 1, result, turn 2, result, turn 3
+    no = [1 / (1 + e), -1 / (1 + e), 0.0]  # norm(R^O)
+    n1 = [-1 / (1 + e), 0.0, 1 / (1 + e)]
+    n2 = [-1 / (math.sqrt(3) + e), -1 / (math.sqrt(3) + e), 2 / (math.sqrt(3) + e)]
+    g = 0.5
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "mt-grpo", gamma=g)
+    want = torch.zeros(3, 7)
+    want[0, 1:3] = no[0] + n1[0] + g * n2[0]  # A stopped at turn 1: judged by the columns it did not reach too
+    want[1, 1] = no[1] + n1[1] + g * n2[1]
+    want[1, 3] = no[1] + n2[1]
+    want[2, 1] = no[2] + n1[2] + g * n2[2]
+    want[2, 3] = no[2] + n2[2]
+    want[2, 5:] = no[2]  # the answer turn: no turn reward after it
+    torch.testing.assert_close(adv, want)
+    # turn_coef scales the reward-to-go only; gamma = 1 (default) sums it undiscounted
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "mt-grpo", turn_coef=2.0)
+    assert float(adv[2, 1]) == pytest.approx(no[2] + 2 * (n1[2] + n2[2]), rel=1e-5)
+    # grpo-mr: norm(R^O + sum_j R^T_j) = norm([2, 1, 6]) (mean 3, std sqrt 7) on every assistant token
+    adv = mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-mr")
+    nm = [(x - 3) / (math.sqrt(7) + e) for x in (2.0, 1.0, 6.0)]
+    torch.testing.assert_close(adv, torch.tensor(nm)[:, None] * (turns > 0).float())
+    # grpo-or ignores the turn rewards
+    torch.testing.assert_close(mtgrpo.compute_advantages(r_t, r_o, turns, 3, "grpo-or"),
+                               torch.tensor(no)[:, None] * (turns > 0).float())
+
+
+def test_one_tool_turn_as_a_column_is_todays_advantage():
+    """(N,) and (N, 1) turn rewards give exactly the same advantages, for every method
+    and option (the two-group hand computation above uses (N,))."""
+    g = torch.Generator().manual_seed(3)
+    r_t, r_o = torch.rand(8, generator=g), torch.rand(8, generator=g)
+    turns = torch.tensor([[0, 1, 1, 0, 2, 2]] * 4 + [[0, 1, 1, 1, 0, 0]] * 4)
+    for method in mtgrpo.METHODS:
+        for kw in ({}, {"turn_coef": 0.5, "gamma": 0.3}, {"merged_fallback": True}, {"scale": "none"}):
+            a = mtgrpo.compute_advantages(r_t, r_o, turns, 4, method, **kw)
+            b = mtgrpo.compute_advantages(r_t[:, None], r_o, turns, 4, method, **kw)
+            assert torch.equal(a, b), (method, kw)
+
+
 def test_advantages_bad_input():
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         mtgrpo.compute_advantages(torch.zeros(6), torch.zeros(6), torch.ones(6, 2, dtype=torch.long), 4, "mt-grpo")

@@ -14,6 +14,7 @@ from rewards import (
     search_has_answer_reward,
     tool_execution_reward,
     turn_reward,
+    turn_rewards,
     xml_reward,
 )
 from tool_env import final_answer
@@ -89,8 +90,16 @@ def test_error_result_is_a_failed_call():
 def test_two_calls_one_failed():
     msgs = episode(CALL, ERROR_RESULT, CALL, GOOD_RESULT, answer("Mt Catherine"))
     assert tool_execution_reward(msgs) == pytest.approx(0.5)  # 1 of 2 calls ran
-    assert turn_reward(msgs, ALIASES)[0] == pytest.approx(0.2 * 0.5)
-    assert search_has_answer_reward(msgs, ALIASES) == 0.0  # only the first result counts
+    assert search_has_answer_reward(msgs, ALIASES) == 0.0  # the logged component: the first result
+    # each tool turn is scored on its own call and result: turn 1 failed, turn 2 ran and found it
+    per_turn, parts = turn_rewards(msgs, ALIASES)
+    assert per_turn == pytest.approx([0.0, 0.2 + 0.5])
+    assert parts == {"tool_execution": 0.5, "search_has_answer": 0.0}
+    assert turn_reward(msgs, ALIASES)[0] == pytest.approx(0.7)  # R^T: the sum over the tool turns
+    # one tool turn: the paper's R^T, one value
+    assert turn_rewards(episode(CALL, GOOD_RESULT, answer("x")), ALIASES)[0] == pytest.approx([0.7])
+    assert turn_rewards(episode(CALL, BAD_RESULT, answer("x")), ALIASES)[0] == pytest.approx([0.2])
+    assert turn_rewards(episode(answer("x")), ALIASES)[0] == []  # no tool turn
 
 
 def test_no_tool_call():

@@ -36,7 +36,7 @@ def fake_scores(episodes):
     on its own)."""
     for i, e in enumerate(episodes):
         sampled = [t for t, m in zip(e.token_ids, e.loss_mask) if m]
-        e.turn_reward = float(sampled[0] % 2)
+        e.turn_rewards = [float(sampled[0] % 2)]
         e.outcome_reward = i % 2 + 0.1 * (sum(sampled) % 3)  # i % 2: never a zero-variance group of 2
         e.components = {"tool_execution": 0.0, "search_has_answer": 0.0, "exact_match": 0.0,
                         "contains_answer": 0.0, "format": 0.0, "xml": 0.0}

@@ -108,7 +108,9 @@ def parse_args(argv=None):
     a("--eps-high", type=float, default=U.eps_high, help="upper clip range (default: --eps)")
     a("--aggregation", default=U.aggregation, choices=mtgrpo.AGGREGATIONS)
     a("--scale", default="std", choices=("std", "none"), help="divide advantages by the group std, or not (Dr. GRPO)")
-    a("--turn-coef", type=float, default=1.0, help="weight of norm(R^T) on turn-1 tokens (mt-grpo)")
+    a("--turn-coef", type=float, default=1.0, help="weight of the turn-level advantage (mt-grpo)")
+    a("--gamma", type=float, default=1.0,
+      help="discount of later turns' rewards in mt-grpo's turn-level reward-to-go (with one tool call: no effect)")
     a("--merged-fallback", action="store_true", help="reference rule: episodes without a tool result get the merged advantage")
     a("--temperature", type=float, default=R.temperature)
     a("--top-k", type=int, default=R.top_k, help="0: the whole vocabulary")
@@ -143,6 +145,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_questions < 0 or args.eval_every < 0 or args.probe_questions < 0:
         p.error("--eval-questions, --eval-every and --probe-questions must be 0 or more")
+    if not 0 <= args.gamma <= 1:
+        p.error("--gamma must be between 0 and 1")
     if not 0 <= args.lr_floor <= 1:
         p.error("--lr-floor must be between 0 and 1 (a fraction of --lr)")
     if args.group_size < 2:
@@ -347,8 +351,10 @@ def make_optimizer(params, lr: float) -> torch.optim.AdamW:
 
 
 def mean_adv_per_turn(advantages, episodes) -> dict:
+    """adv_turnK: the mean advantage on the tokens of assistant turn K, for every turn
+    that some episode reached (at least turns 1 and 2)."""
     out = {}
-    for k in (1, 2):
+    for k in range(1, max(2, max(e.num_turns for e in episodes)) + 1):
         vals = [float(a[j]) for a, e in zip(advantages, episodes) for j, t in enumerate(e.token_turns) if t == k]
         out[f"adv_turn{k}"] = sum(vals) / len(vals) if vals else 0.0
     return out
@@ -547,7 +553,7 @@ def main(argv=None) -> int:
         episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
         sampler.score_episodes(episodes)
-        advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef,
+        advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
         upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
