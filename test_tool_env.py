@@ -95,6 +95,90 @@ def test_run_tool_call_tool_that_raises_or_returns_nothing():
     assert run_tool_call(call % "silent", tools) == "Error: silent returned nothing for these arguments"
 
 
+def _typed_tools():
+    from typing import Literal
+
+    def convert(amount: float, currency: Literal["EUR", "USD"], tags: list[str] | None = None) -> str:
+        """Converts an amount."""
+        return f"{amount!r} {currency} {tags!r}"
+
+    def weights(w: dict[str, float]) -> str:
+        """Takes named weights."""
+        return repr(w)
+
+    return {"convert": convert, "weights": weights}
+
+
+@pytest.mark.parametrize("args, out", [
+    # an int where a float is asked is accepted, as a float (JSON writes 2.0 as 2)
+    ('{"amount": 2, "currency": "EUR"}', "2.0 EUR None"),
+    ('{"amount": 2.5, "currency": "USD", "tags": ["a", "b"]}', "2.5 USD ['a', 'b']"),
+    ('{"amount": 1, "currency": "EUR", "tags": null}', "1.0 EUR None"),
+    ('{"amount": "2", "currency": "EUR"}', "Error: argument 'amount' must be a number, got str"),
+    ('{"amount": true, "currency": "EUR"}', "Error: argument 'amount' must be a number, got bool"),
+    ('{"amount": 1, "currency": "GBP"}', "Error: argument 'currency' must be one of ['EUR', 'USD'], got 'GBP'"),
+    ('{"amount": 1, "currency": "EUR", "tags": "a"}', "Error: argument 'tags' must be a list, got str"),
+    ('{"amount": 1, "currency": "EUR", "tags": ["a", 3]}', "Error: argument 'tags[1]' must be str, got int"),
+    ('{"amount": 1, "currency": ["EUR"]}', "Error: argument 'currency' must be one of ['EUR', 'USD'], got ['EUR']"),
+])
+def test_arguments_are_checked_against_real_annotations(args, out):
+    """list[str], Literal, X | None and float annotations: an error result, never a
+    TypeError from isinstance (which refuses subscripted generics)."""
+    assert run_tool_call(f'<tool>{{"name": "convert", "args": {args}}}</tool>', _typed_tools()) == out
+
+
+def test_dict_arguments_and_their_values():
+    tools = _typed_tools()
+    assert run_tool_call('<tool>{"name": "weights", "args": {"w": {"a": 1, "b": 0.5}}}</tool>', tools) == "{'a': 1.0, 'b': 0.5}"
+    assert run_tool_call('<tool>{"name": "weights", "args": {"w": {"a": "x"}}}</tool>', tools) == \
+        "Error: argument \"w['a']\" must be a number, got str"
+
+
+def test_a_hanging_tool_times_out_and_the_episode_goes_on():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hang(query: str) -> str:
+        """Never answers (until released)."""
+        release.wait(30)
+        return "late"
+
+    t = time.time()
+    out = run_tool_call('<tool>{"name": "hang", "args": {"query": "x"}}</tool>', {"hang": hang}, timeout=0.2)
+    assert out == "Error: hang timed out: no result after 0.2 s"
+    assert time.time() - t < 5
+    release.set()  # let the thread end
+
+
+def test_a_tool_that_raises_anything_is_an_error_result():
+    class Weird(Exception):
+        def __str__(self):
+            return "odd"
+
+    def bad(query: str) -> str:
+        """Raises."""
+        raise Weird()
+
+    def unprintable(query: str):
+        """Returns something whose str() raises."""
+        class X:
+            def __str__(self):
+                raise RuntimeError("no")
+        return X()
+
+    def unreadable(query: "NoSuchType") -> str:  # noqa: F821 - an annotation that cannot be evaluated
+        """Has a broken signature."""
+        return "x"
+
+    tools = {"bad": bad, "unprintable": unprintable, "unreadable": unreadable}
+    call = '<tool>{"name": "%s", "args": {"query": "x"}}</tool>'
+    assert run_tool_call(call % "bad", tools) == "Error: bad failed: Weird: odd"
+    assert run_tool_call(call % "unprintable", tools) == "Error: unprintable returned an unprintable result: RuntimeError"
+    assert run_tool_call(call % "unreadable", tools) == "Error: the tool's signature cannot be read (NameError)"
+
+
 def test_run_tool_call_success_and_unicode(tools):
     out = run_tool_call(good_call("capital of Egypt"), tools)
     assert out.startswith("Egypt - Government - Capital\nname: Cairo")

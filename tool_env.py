@@ -33,6 +33,9 @@ import inspect
 import json
 import os
 import re
+import threading
+import types
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -266,33 +269,105 @@ def parse_tool_call(text: str) -> tuple[str, dict]:
     return name, args
 
 
-def _check_args(fn: Callable, args: dict) -> None:
-    """Missing, unexpected and ill-typed arguments, judged by the signature."""
-    params = inspect.signature(fn, eval_str=True).parameters
-    unexpected = sorted(set(args) - set(params))
-    if unexpected:
-        raise ValueError(f"unexpected argument(s) {unexpected}; expected {list(params)}")
-    for name, p in params.items():
-        if name not in args:
-            if p.default is inspect.Parameter.empty:
-                raise ValueError(f"missing argument {name!r}")
-            continue
-        want = p.annotation
-        value = args[name]
+def _check_value(name: str, value, want):
+    """`value` (decoded JSON) checked against the annotation `want`, and returned as the
+    tool should get it (an int where a float is asked: JSON writes 2.0 as 2). Knows
+    str, int, float, bool, list[X], dict[str, X], Literal[...], X | None and Any (or no
+    annotation); raises ValueError saying what is wrong."""
+    origin, targs = typing.get_origin(want), typing.get_args(want)
+    if want is inspect.Parameter.empty or want is typing.Any:
+        return value
+    if origin is typing.Literal:
+        if value not in targs or isinstance(value, bool) != any(isinstance(t, bool) for t in targs if t == value):
+            raise ValueError(f"argument {name!r} must be one of {list(targs)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in targs:
+            return None
+        errors = []
+        for t in (t for t in targs if t is not type(None)):
+            try:
+                return _check_value(name, value, t)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"argument {name!r} has the wrong type ({type(value).__name__})")
+    if origin is list or want is list:
+        if not isinstance(value, list):
+            raise ValueError(f"argument {name!r} must be a list, got {type(value).__name__}")
+        return [_check_value(f"{name}[{i}]", v, targs[0]) for i, v in enumerate(value)] if targs else value
+    if origin is dict or want is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"argument {name!r} must be an object, got {type(value).__name__}")
+        return {k: _check_value(f"{name}[{k!r}]", v, targs[1]) for k, v in value.items()} if targs else value
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"argument {name!r} must be a number, got {type(value).__name__}")
+        return float(value)
+    if want in (str, int, bool):
         # bool is a subclass of int in Python, but true is not a number of passages
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if want in (str, int, float) and not ok:
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ValueError(f"argument {name!r} must be {want.__name__}, got {type(value).__name__}")
         if want is str and not value.strip():
             raise ValueError(f"argument {name!r} is empty")
         if want is str and len(value) > MAX_QUERY_CHARS:
             raise ValueError(f"argument {name!r} is too long ({len(value)} > {MAX_QUERY_CHARS} characters)")
+        return value
+    if isinstance(want, type) and not isinstance(value, want):  # any other plain class
+        raise ValueError(f"argument {name!r} must be {want.__name__}, got {type(value).__name__}")
+    return value
 
 
-def run_tool_call(text: str, tools: dict[str, Callable]) -> str:
+def _check_args(fn: Callable, args: dict) -> dict:
+    """Missing, unexpected and ill-typed arguments, judged by the signature's real
+    annotations (list[str], Literal, Optional...); returns the arguments to call with."""
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except (NameError, TypeError, ValueError) as e:  # a tool whose annotations cannot be read
+        raise ValueError(f"the tool's signature cannot be read ({type(e).__name__})") from None
+    unexpected = sorted(set(args) - set(params))
+    if unexpected:
+        raise ValueError(f"unexpected argument(s) {unexpected}; expected {list(params)}")
+    out = {}
+    for name, p in params.items():
+        if name not in args:
+            if p.default is inspect.Parameter.empty:
+                raise ValueError(f"missing argument {name!r}")
+            continue
+        out[name] = _check_value(name, args[name], p.annotation)
+    return out
+
+
+TOOL_TIMEOUT_S = 10.0  # a tool that takes longer is answered with an error (a hung tool must not stop training)
+
+
+def call_with_timeout(fn: Callable, args: dict, timeout: float = TOOL_TIMEOUT_S):
+    """fn(**args) in a daemon thread, waiting at most `timeout` seconds. Python cannot
+    kill a thread: a tool that hangs keeps its thread until it returns (or the process
+    ends), but the episode goes on with an error result. Raises TimeoutError, or what
+    fn raised."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = fn(**args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, whatever it is
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True, name="tool-call")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no result after {timeout:g} s")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def run_tool_call(text: str, tools: dict[str, Callable], timeout: float = TOOL_TIMEOUT_S) -> str:
     """Parse, validate and execute the tool call in `text`. Never raises: every
-    failure is returned as a string starting with "Error:" (and a successful
-    result never does), which is how the rewards count failed executions."""
+    failure (parse, validation, the tool's exception, a time-out, an empty result) is
+    returned as a string starting with "Error:" (and a successful result never
+    does), which is how the rewards count failed executions."""
     try:
         name, args = parse_tool_call(text)
     except ValueError as e:
@@ -301,16 +376,21 @@ def run_tool_call(text: str, tools: dict[str, Callable]) -> str:
         return f"{ERROR_PREFIX} unknown tool {name!r}; available: {', '.join(tools)}"
     fn = tools[name]
     try:
-        _check_args(fn, args)
+        args = _check_args(fn, args)
     except ValueError as e:
         return f"{ERROR_PREFIX} {e}"
     try:
-        out = fn(**args)
+        out = call_with_timeout(fn, args, timeout)
+    except TimeoutError as e:
+        return f"{ERROR_PREFIX} {name} timed out: {e}"
     except Exception as e:  # a tool's own failure is the agent's feedback, not a crash
         return f"{ERROR_PREFIX} {name} failed: {type(e).__name__}: {e}"
-    if out is None or not str(out).strip():
+    try:
+        out = "" if out is None else str(out)
+    except Exception as e:  # a result whose str() fails
+        return f"{ERROR_PREFIX} {name} returned an unprintable result: {type(e).__name__}"
+    if not out.strip():
         return f"{ERROR_PREFIX} {name} returned nothing for these arguments"
-    out = str(out)
     if out.startswith(ERROR_PREFIX):  # keep the convention unambiguous
         out = " " + out
     return out
