@@ -296,6 +296,20 @@ def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: Rollou
     return _end_turn(row, tokenizer, tools, cfg, stopped, end_ids)
 
 
+def shared_prefix_len(prompts: list[list[int]], min_len: int = 16) -> int:
+    """Tokens at the start of every prompt (one at least left to each), or 0 when
+    there is one prompt or they share fewer than `min_len`. In a greedy evaluation each
+    question is one rollout, and the few-shot system prompt is most of its prompt:
+    prefilled once per batch instead of once per question, a greedy evaluation of 16
+    validation questions took 48 s instead of 115 s (one thread of a 2-core AMD EPYC
+    without bf16 units, float32; the same 16 trajectories)."""
+    if len(prompts) < 2:
+        return 0
+    n, first = min(len(p) for p in prompts) - 1, prompts[0]
+    common = next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), n)
+    return common if common >= min_len else 0
+
+
 @no_dropout
 @torch.inference_mode()
 def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size: int, cfg: RolloutConfig,
@@ -331,9 +345,14 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
             r.force = list(f)
     episodes = [r.ep for r in live]
     end_ids = turn_end_ids(model, tokenizer)
-    batch = DecodeBatch(model, len(rows), pad)
-    # 1. prefill each distinct prompt once, then copy its cache to its G rollouts
-    logits = batch.forward(prompts).repeat_interleave(group_size, dim=0)
+    # 1. prefill what all prompts share (the system prompt and the demonstration) once,
+    # then the rest of each distinct prompt, then copy each prompt's cache to its G rollouts
+    shared = shared_prefix_len(prompts)
+    batch = DecodeBatch(model, 1 if shared else len(rows), pad)
+    if shared:
+        batch.forward([prompts[0][:shared]])
+        batch.repeat(len(rows))
+    logits = batch.forward([p[shared:] for p in prompts]).repeat_interleave(group_size, dim=0)
     batch.repeat(group_size)
     logT = cfg.temperature if cfg.temperature > 0 else 1.0
     while live:

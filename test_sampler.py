@@ -129,6 +129,14 @@ def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype):
         assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
 
 
+def test_shared_prefix_len():
+    a, b = list(range(40)), list(range(30)) + [99] * 5
+    assert sampler.shared_prefix_len([a, b]) == 30
+    assert sampler.shared_prefix_len([a, a[:20]]) == 19  # one token at least left to each prompt
+    assert sampler.shared_prefix_len([a]) == 0  # one prompt: nothing to share
+    assert sampler.shared_prefix_len([a, [7] + a]) == 0 and sampler.shared_prefix_len([a[:10], a[:12]]) == 0  # too short
+
+
 def test_top_k_sampling_stays_in_the_top_k():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]] * 200)
     tokens = sampler._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))
