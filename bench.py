@@ -10,7 +10,7 @@ policy). Repetition r samples with seed r. Reported: medians over `--repeats`.
 - today's float32 step: the sampler, then mu iterations of the update with every
   episode forwarded whole (train.update(..., shared_prefix=False)) in float32;
 - our step in `--precision` (default auto: bf16 where the hardware is fast at it): the
-  same, with each question's prompt forwarded once for its G rollouts (mtgrpo.Prefix);
+  same, with each question's prompt forwarded once for its G rollouts (logprobs.Prefix);
   the two alternate within each repetition, so a slow spell of the machine hits both;
 - our update against a bare forward + backward (cross-entropy, whole sequences, our
   precision) on the same tokens, per optimizer iteration;
@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 import corpus
 import data
-import mtgrpo
+import logprobs
+import models
 import precision
 import sampler
 import tool_env
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
 
-    device = args.device or mtgrpo.default_device()
+    device = args.device or models.default_device()
     prec = precision.resolve(args.precision, device)
     torch.manual_seed(0)
     ds = data.load_task("factbook", "train")
@@ -206,9 +207,9 @@ def main(argv=None) -> int:
     tools = tool_env.make_tools(corpus.load_corpus("factbook"))
     G, L = args.group_size, args.max_turn_tokens
     ucfg = train.UpdateConfig(mu=args.mu)
-    base_model, tok = mtgrpo.load_model(args.model, device)
+    base_model, tok = models.load_model(args.model, device)
     base = precision.MasterWeights(base_model, "fp32")
-    ours_model = base_model if prec == "fp32" else mtgrpo.load_model(args.model, device)[0]
+    ours_model = base_model if prec == "fp32" else models.load_model(args.model, device)[0]
     ours = base if prec == "fp32" else precision.MasterWeights(ours_model, prec)
     n_params = sum(p.numel() for p in base_model.parameters())
     res = {"device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
@@ -238,8 +239,8 @@ def main(argv=None) -> int:
 
     # --- our update against a bare forward+backward (cross-entropy over whole sequences,
     # in our precision) on the same tokens: one optimizer iteration's worth
-    groups = mtgrpo.micro_batches([len(e.token_ids) for e in eps], ucfg.micro_batch_tokens)
-    batches = [mtgrpo.collate([eps[i] for i in grp], [advs[i] for i in grp], tok.pad_token_id, device) for grp in groups]
+    groups = logprobs.micro_batches([len(e.token_ids) for e in eps], ucfg.micro_batch_tokens)
+    batches = [logprobs.collate([eps[i] for i in grp], [advs[i] for i in grp], tok.pad_token_id, device) for grp in groups]
 
     def bare():
         ours_model.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 
 import torch
+import models
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     from corpus import load_corpus
     from data import load_task
 
-    path = mtgrpo._embedded_path("smollm2-135m")
+    path = models._embedded_path("smollm2-135m")
     tools = tool_env.make_tools(load_corpus("factbook"))
     rows = load_task("factbook", "train")
     prompts = [tool_env.initial_messages(rows[i]["question"], tools, fewshot=True) for i in range(args.questions)]

@@ -6,7 +6,7 @@ rollouts, synthetic groups of episodes and a train.update with lr 0."""
 import pytest
 import torch
 
-import mtgrpo
+import models
 import precision
 import sampler
 import tool_env
@@ -39,7 +39,7 @@ def tools():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return mtgrpo.load_model("smollm2-135m", "cpu")[1]
+    return models.load_model("smollm2-135m", "cpu")[1]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import torch
 
 import corpus
 import data
+import models
 import mtgrpo
 import precision
 import sampler
@@ -106,7 +107,7 @@ def rollout_config(name: str, args=None) -> sampler.RolloutConfig:
         with open(cfg) as f:
             rollout = sampler.RolloutConfig.from_dict(json.load(f))
     else:
-        rollout = sampler.RolloutConfig(fewshot=name in mtgrpo.EMBEDDED)
+        rollout = sampler.RolloutConfig(fewshot=name in models.EMBEDDED)
     given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None}
     return dataclasses.replace(rollout, **{f.name: given[f.name] for f in dataclasses.fields(rollout) if f.name in given})
 
@@ -178,12 +179,12 @@ def render(tokenizer, episode: sampler.Episode, adv: torch.Tensor, scale: float 
 
 def load(args, name: str):
     """(model, tokenizer) in the compute dtype of --precision."""
-    device = args.device or mtgrpo.default_device()
+    device = args.device or models.default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is available (leave --device out to use the CPU)")
     dtype = precision.DTYPES[precision.resolve(args.precision, device)]
     try:
-        return mtgrpo.load_model(resolve_model(name), device, dtype)
+        return models.load_model(resolve_model(name), device, dtype)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
 
@@ -193,7 +194,7 @@ def show(args, tools: dict, row: dict) -> int:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     eps = sampler.sample_episodes(model, tok, [row], tools, args.group_size, rollout_config(args.model[0], args), gen)
     sampler.score_episodes(eps)
-    advs = mtgrpo.episode_advantages(eps, len(eps), args.method)
+    advs = sampler.episode_advantages(eps, len(eps), args.method)
     # show the most informative rollout: the one with the most turns, then the largest |A|
     best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(advs[r].abs().max())))
     for r, e in enumerate(eps):

@@ -20,7 +20,7 @@ update, over the whole vocabulary:
 The contexts use the sampler's token layout (prompt ids, the turn's ids, the chat
 template's glue, the next turn's ids), so the probe sees what the sampler would feed.
 A forward over 16 contexts costs about a second of a step on the embedded model: the
-shared system prompt and demonstration are forwarded once (mtgrpo.Prefix).
+shared system prompt and demonstration are forwarded once (logprobs.Prefix).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-import mtgrpo
+import logprobs
 import sampler
 import tool_env
 
@@ -96,7 +96,7 @@ def probe_logprobs(model, probe: Probe) -> torch.Tensor:
     while all(len(s) > common + 1 and s[common] == probe.ids[0][common] for s in probe.ids):
         common += 1
     common = min(common, min(p[0] for p in probe.positions))  # every read position lies after the prefix
-    prefix = mtgrpo.Prefix(model, probe.ids[0][:common], device)
+    prefix = logprobs.Prefix(model, probe.ids[0][:common], device)
     rest = [s[common:] for s in probe.ids]
     L = max(len(r) for r in rest)
     n = len(rest)
@@ -110,7 +110,7 @@ def probe_logprobs(model, probe: Probe) -> torch.Tensor:
     input_ids, attn = input_ids.to(device), attn.to(device)
     kw = {"past_key_values": prefix.cache(n), "use_cache": True,
           "position_ids": common + torch.arange(L, device=device).expand(n, -1)} if common else {"use_cache": False}
-    if mtgrpo._head_on_positions_ok(model):
+    if logprobs._head_on_positions_ok(model):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attn, **kw).last_hidden_state
         logits = model.get_output_embeddings()(hidden[sel.to(device)])
     else:

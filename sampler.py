@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import mtgrpo
 import rewards
 import tool_env
 
@@ -396,3 +397,16 @@ def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:
     called = [e for e in episodes if tool_env.tool_results(e.messages)]
     success = sum(rewards.tool_execution_reward(e.messages) for e in called)
     return len(called) / len(episodes), success / max(len(called), 1)
+
+
+def episode_advantages(episodes: list[Episode], group_size: int, method: str, **kwargs) -> list[torch.Tensor]:
+    """mtgrpo.compute_advantages for scored episodes (in groups of `group_size`
+    consecutive ones); one tensor per episode, aligned with its token_ids."""
+    L = max(len(e.token_ids) for e in episodes)
+    turns = torch.zeros(len(episodes), L, dtype=torch.long)
+    for r, e in enumerate(episodes):
+        turns[r, : len(e.token_turns)] = torch.tensor(e.token_turns)
+    T = max(1, max(len(e.turn_rewards) for e in episodes))  # tool turns; 0 past an episode's own
+    r_t = torch.tensor([e.turn_rewards + [0.0] * (T - len(e.turn_rewards)) for e in episodes])
+    adv = mtgrpo.compute_advantages(r_t, torch.tensor([e.outcome_reward for e in episodes]), turns, group_size, method, **kwargs)
+    return [adv[r, : len(e.token_ids)] for r, e in enumerate(episodes)]

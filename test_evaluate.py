@@ -1,7 +1,6 @@
 """Tests of evaluate.py: the greedy evaluation's metrics and the --show rendering of an
 episode with its advantages."""
 
-import mtgrpo
 import sampler
 from conftest import Q, run_scripted
 
@@ -16,7 +15,7 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     # a scripted two-turn rollout, rendered with its mt-grpo advantages
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", None, "Egypt", None])
     sampler.score_episodes(eps)
-    advs = mtgrpo.episode_advantages(eps, 2, "mt-grpo")
+    advs = sampler.episode_advantages(eps, 2, "mt-grpo")
     ansi, page = evaluate.render(tokenizer, eps[0], advs[0])
     assert "[turn 1]" in ansi and "[turn 2]" in ansi
     assert page.count('class="label"') == 2 and 'class="env"' in page and "A=+" in page

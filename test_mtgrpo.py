@@ -1,6 +1,5 @@
-"""Tests of mtgrpo.py: turn-level advantages, the clipped loss (its normalizer, KL term
-and TIS weights), the training forward pass (token_logprobs) and micro-batching with
-the prompt shared by a group (plan_micro_batches, Prefix)."""
+"""Tests of mtgrpo.py alone: turn-level advantages against hand-computed numbers (one
+tool turn and K), and the clipped loss (its normalizer, KL term and TIS weights)."""
 
 import math
 
@@ -8,8 +7,6 @@ import pytest
 import torch
 
 import mtgrpo
-import sampler
-from conftest import run_update, two_groups
 
 # ------------------------------------------------------------------ advantages
 
@@ -211,119 +208,19 @@ def test_tis_weights_hand_computed():
     assert float(loss) == pytest.approx(-(1.5 * 1 - 2 * 1 + 3 * math.exp(-1)) / 3)
 
 
-# ------------------------------------------------------------------ the training pass
+def test_mtgrpo_imports_torch_and_the_standard_library_only():
+    """The file a reader copies: its import statements name torch and the standard
+    library only, and importing it after torch loads nothing else (no project module,
+    no transformers)."""
+    import ast
+    import subprocess
+    import sys
 
-
-def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
-    model, _ = tiny
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 1000, (3, 10), generator=g)
-    attn = torch.ones(3, 10, dtype=torch.long)
-    attn[1, 7:] = 0  # right padding
-    pos = torch.zeros(3, 10, dtype=torch.bool)
-    pos[0, 4:] = pos[1, 3:7] = pos[2, 9] = True
-    assert mtgrpo._head_on_positions_ok(model)  # a Llama: the head can run on selected positions
-    with torch.no_grad():
-        full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.7, -1)
-        full = full.gather(2, ids[:, 1:, None]).squeeze(2)
-        lp, ent = mtgrpo.token_logprobs(model, ids, attn, 0.7, True, pos)
-        torch.testing.assert_close(lp[:, 1:][pos[:, 1:]], full[pos[:, 1:]], atol=1e-5, rtol=1e-5)
-        assert torch.all(lp[~pos] == 0) and torch.all(ent[~pos] == 0) and torch.all(ent[pos] > 0)
-        model._mtgrpo_head_ok = False  # the fallback (full logits, then select) gives the same
-        try:
-            lp2, _ = mtgrpo.token_logprobs(model, ids, attn, 0.7, False, pos)
-        finally:
-            model._mtgrpo_head_ok = True
-    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------ micro-batches and the shared prompt prefix
-
-
-def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer):
-    model, _ = tiny
-    g = torch.Generator().manual_seed(1)
-    episodes = []
-    for n in (5, 9, 12, 7):
-        ids = torch.randint(0, 1000, (n,), generator=g).tolist()
-        mask = [0, 0] + [1] * (n - 2)
-        episodes.append(sampler.Episode("q", "q", [], ids, mask, mask, [0.0] * n, []))
-    advs = [torch.randn(len(e.token_ids), generator=g) for e in episodes]
-    total = sum(sum(e.loss_mask) for e in episodes)
-
-    def grads(groups):
-        model.zero_grad()
-        for grp in groups:
-            b = mtgrpo.collate([episodes[i] for i in grp], [advs[i] for i in grp], tokenizer.pad_token_id)
-            logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask)
-            loss, _ = mtgrpo.policy_loss(logp, logp.detach(), b.advantages, b.loss_mask, normalizer=total)
-            loss.backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    one = grads([[0, 1, 2, 3]])
-    many = grads(mtgrpo.micro_batches([len(e.token_ids) for e in episodes], max_tokens=20))
-    for a, b in zip(one, many):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    # sorted by length 5, 7, 9, 12: 5 and 7 pad to 2 x 7 = 14 <= 20; 3 x 9 > 20; 2 x 12 > 20
-    assert mtgrpo.micro_batches([5, 9, 12, 7], 20) == [[0, 3], [1], [2]]
-
-
-def test_plan_groups_rollouts_by_prompt():
-    g = torch.Generator().manual_seed(0)
-    eps, _ = two_groups(g)  # continuation lengths (from the last prompt token): 6, 9, 12 and 7, 10, 13
-    plan = mtgrpo.plan_micro_batches(eps, [0, 1, 2, 3, 5], max_tokens=20)
-    assert [len(p) for p, _ in plan] == [19, 24]  # each prompt minus its last token
-    assert plan[0][0] == eps[0].token_ids[:19] and plan[1][0] == eps[3].token_ids[:24]
-    # group 1: 6 and 9 pad to 2 x 9 = 18 <= 20, 12 alone; group 2 (episode 4 left out): 7, then 13
-    assert [c for _, c in plan] == [[[0, 1], [2]], [[3], [5]]]
-    assert mtgrpo.plan_micro_batches(eps, [0, 4], 100, shared_prefix=False) == [([], [[0, 4]])]
-
-
-def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer):
-    """The prompt forwarded once per group (its keys and values reused, gradients
-    through both) gives the loss and gradient of forwarding every episode whole, also
-    when a group's continuations are split over micro-batches."""
-    model, _ = tiny
-    eps, advs = two_groups(torch.Generator().manual_seed(1))
-    # no clipping: clipped to a norm of 0.1, a uniform scale error in either pass would go unseen
-    flags = ["--mu", "1", "--tis-cap", "0", "--grad-clip", "1e9"]
-    full, g_full = run_update(model, eps, advs, flags + ["--micro-batch-tokens", "1000"], tokenizer.pad_token_id, False)
-    shared, g_shared = run_update(model, eps, advs, flags + ["--micro-batch-tokens", "20"], tokenizer.pad_token_id)
-    assert full["micro_batches"] == 1 and shared["micro_batches"] == 4
-    assert shared["loss"] == pytest.approx(full["loss"], rel=1e-5)
-    assert shared["entropy"] == pytest.approx(full["entropy"], rel=1e-5)
-    assert max(float(g.abs().max()) for g in g_full) > 1e-4  # a real gradient
-    assert full["grad_norm"] > 0.1  # ... that clipping at the default 0.1 would have rescaled
-    assert shared["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
-    for a, b in zip(g_full, g_shared):
-        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-4)
-
-
-def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny):
-    """In bf16 training the prompt's keys and values are bf16, but the leaves that collect
-    their gradient over micro-batches are float32: the accumulated gradient is the
-    float32 sum of each micro-batch's gradient (a bf16 leaf would round every partial sum)."""
-    import copy
-
-    import precision
-
-    model = copy.deepcopy(tiny[0])
-    precision.MasterWeights(model, "bf16")
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, 1000, (30,), generator=g).tolist()
-    chunks = [torch.randint(0, 1000, (2, 8), generator=g) for _ in range(3)]  # three micro-batches
-
-    def loss(prefix, ids):
-        logp, _ = mtgrpo.token_logprobs(model, ids, torch.ones_like(ids), prefix=prefix)
-        return -logp.sum()
-
-    prefix = mtgrpo.Prefix(model, prompt, "cpu")
-    assert prefix.kv[0].dtype == torch.bfloat16 and all(leaf.dtype == torch.float32 for leaf in prefix.leaves)
-    each = [torch.autograd.grad(loss(prefix, ids), prefix.leaves) for ids in chunks]  # one micro-batch's gradient each
-    for ids in chunks:
-        loss(prefix, ids).backward()
-    for i, leaf in enumerate(prefix.leaves):
-        assert leaf.grad.dtype == torch.float32
-        torch.testing.assert_close(leaf.grad, each[0][i] + each[1][i] + each[2][i], atol=0, rtol=1e-6)
-    prefix.backward()  # and on into the prompt's forward (bf16 weights' grads)
-    assert model.get_input_embeddings().weight.grad is not None
+    tree = ast.parse(open(mtgrpo.__file__).read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names - set(sys.stdlib_module_names) == {"torch"}, names
+    code = ("import sys, torch; before = set(sys.modules); import mtgrpo; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert set(ast.literal_eval(out)) - set(sys.stdlib_module_names) == {"mtgrpo"}, out

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import mtgrpo
+import models
 import probe
 import train
 from conftest import Q
@@ -80,11 +80,11 @@ def test_logged_kl_is_the_kl_between_the_saved_policies(tiny, tmp_path):
         sampler.score_episodes = orig
     with open(os.path.join(out, "log.jsonl")) as f:
         start, rec = [json.loads(l) for l in f]
-    after = mtgrpo.load_model(str(out / "checkpoint"), "cpu")[0].eval()
+    after = models.load_model(str(out / "checkpoint"), "cpu")[0].eval()
     import data, corpus, tool_env
     rows = data.load_task("factbook", "validation")
     tools = tool_env.make_tools(corpus.load_corpus("factbook"))
-    p = probe.build_probe(mtgrpo.load_model(path, "cpu")[1], [rows[i] for i in train.spread(len(rows), 3)], tools, False)
+    p = probe.build_probe(models.load_model(path, "cpu")[1], [rows[i] for i in train.spread(len(rows), 3)], tools, False)
     d = probe.kl(probe.probe_logprobs(copy.deepcopy(model).eval(), p), probe.probe_logprobs(after, p))
     assert rec["probe_kl_mean"] == pytest.approx(float(d.mean()), rel=1e-4) and rec["probe_kl_mean"] > 0
     assert rec["probe_kl_max"] == pytest.approx(float(d.max()), rel=1e-4)

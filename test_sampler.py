@@ -5,16 +5,17 @@ and the real embedded model), greedy sampling against a plain sampler, and top-k
 import pytest
 import torch
 
-import mtgrpo
+import logprobs
+import models
 import sampler
 import tool_env
 from conftest import Q, in_dtype, run_scripted, scripted
 
 
 def check_consistency(model, tokenizer, episodes, tol=1e-4):
-    b = mtgrpo.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id)
+    b = logprobs.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id)
     with torch.no_grad():
-        logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, 1.0)
+        logp, _ = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, 1.0)
     m = b.loss_mask.bool()
     assert m.sum() > 0
     diff = (logp[m] - b.sample_logp[m]).abs().max()
@@ -46,7 +47,7 @@ def test_multi_turn_masks_and_token_in_token_out(tiny, tokenizer, tools):
     # the no-tool episode is all turn 1
     assert eps[3].num_turns == 1 and eps[3].end_reason == "answer"
     # the collated attention mask covers env tokens (they are attended to), the loss mask does not
-    b = mtgrpo.collate(eps, [torch.zeros(len(x.token_ids)) for x in eps], tokenizer.pad_token_id)
+    b = logprobs.collate(eps, [torch.zeros(len(x.token_ids)) for x in eps], tokenizer.pad_token_id)
     assert all(b.attention_mask[0, j] == 1 and b.loss_mask[0, j] == 0 for j in env)
 
 
@@ -150,7 +151,7 @@ def test_top_k_sampling_stays_in_the_top_k():
 
 
 def test_real_model_logprob_consistency(tokenizer, tools):
-    model, _ = mtgrpo.load_model("smollm2-135m", "cpu")
+    model, _ = models.load_model("smollm2-135m", "cpu")
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "Egypt", "highest point Egypt", None])
     assert eps[0].num_turns == 2
     check_consistency(model, tokenizer, eps)

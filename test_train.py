@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import checkpoint
-import mtgrpo
+import logprobs
+import models
 import precision
 import sampler
 import train
@@ -52,9 +53,9 @@ def test_old_logp_is_the_trainers_own_and_tis_corrects_the_sampler(tiny, tokeniz
     weighted by w = min(e^0.3, C)."""
     model, _ = tiny
     eps, advs = two_groups(torch.Generator().manual_seed(2))
-    b = mtgrpo.collate(eps, advs, tokenizer.pad_token_id)
+    b = logprobs.collate(eps, advs, tokenizer.pad_token_id)
     with torch.no_grad():
-        logp, _ = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask)
+        logp, _ = logprobs.token_logprobs(model, b.input_ids, b.attention_mask)
     for r, e in enumerate(eps):
         e.sample_logp = [float(logp[r, j]) - 0.3 if m else 0.0 for j, m in enumerate(e.loss_mask)]
     n_tok = sum(sum(e.loss_mask) for e in eps)
@@ -267,7 +268,7 @@ def test_bf16_training_model_is_the_model_a_bf16_load_gives(tiny):
     model, path = tiny
     trained = copy.deepcopy(model)
     precision.MasterWeights(trained, "bf16")
-    loaded, _ = mtgrpo.load_model(path, "cpu", torch.bfloat16)
+    loaded, _ = models.load_model(path, "cpu", torch.bfloat16)
     mine, theirs = dict(trained.named_buffers()), dict(loaded.named_buffers())
     assert mine.keys() == theirs.keys() and "model.rotary_emb.inv_freq" in mine
     for name, b in theirs.items():

@@ -44,6 +44,8 @@ import checkpoint
 import corpus
 import data
 import evaluate
+import logprobs
+import models
 import mtgrpo
 import precision
 import probe
@@ -139,7 +141,7 @@ def parse_args(argv=None):
       help="validation questions of the policy-movement probe, logged as probe_* after every update (0: off)")
     args = p.parse_args(_numbers_as_values(sys.argv[1:] if argv is None else list(argv)))
     if args.fewshot is None:
-        args.fewshot = args.model in mtgrpo.EMBEDDED
+        args.fewshot = args.model in models.EMBEDDED
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -229,7 +231,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     first optimizer step: iteration 0's forward, detached (its ratio is exactly 1), kept
     for iterations 1..mu-1, as TRL computes it. The sampler's log-probs are used only to
     measure the sampler/trainer mismatch (logp_diff_*) and to correct it (mtgrpo.tis_weights).
-    Each question's prompt is forwarded once for its G rollouts (mtgrpo.Prefix).
+    Each question's prompt is forwarded once for its G rollouts (logprobs.Prefix).
     """
     device = next(model.parameters()).device
     # the most tokens an episode may sample: max_tool_calls + 1 turns (Dr. GRPO's constant)
@@ -241,7 +243,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     # gradient (the normalizer above still counts its tokens): skip its passes.
     # Early in training most groups have equal rewards, so this saves a lot.
     todo = [i for i, a in enumerate(advantages) if cfg.beta > 0 or bool(a.any())]
-    plan = mtgrpo.plan_micro_batches(episodes, todo, cfg.micro_batch_tokens, shared_prefix)
+    plan = logprobs.plan_micro_batches(episodes, todo, cfg.micro_batch_tokens, shared_prefix)
     totals = Counter()
     saved = {}  # (group, micro-batch) -> old_logp, TIS weights, ref_logp of iteration 0
     diff_sum = diff_max = 0.0
@@ -250,21 +252,21 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         master.zero_grad()
         ent_sum = tok_sum = 0.0
         for gi, (prefix_ids, chunks) in enumerate(plan):
-            prefix = mtgrpo.Prefix(model, prefix_ids, device)
+            prefix = logprobs.Prefix(model, prefix_ids, device)
             ref_prefix = None
             if ref_model is not None and it == 0:
                 with torch.no_grad():
-                    ref_prefix = mtgrpo.Prefix(ref_model, prefix_ids, device)
+                    ref_prefix = logprobs.Prefix(ref_model, prefix_ids, device)
             for ci, g in enumerate(chunks):
-                b = mtgrpo.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
+                b = logprobs.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
                 pos = b.loss_mask.bool()  # log-probs only where the loss needs them
-                logp, ent = mtgrpo.token_logprobs(model, b.input_ids, b.attention_mask, rollout.temperature, True, pos, prefix)
+                logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, rollout.temperature, True, pos, prefix)
                 if it == 0:
                     old = logp.detach()
                     ref = None
                     if ref_model is not None:
                         with torch.no_grad():
-                            ref, _ = mtgrpo.token_logprobs(ref_model, b.input_ids, b.attention_mask, rollout.temperature,
+                            ref, _ = logprobs.token_logprobs(ref_model, b.input_ids, b.attention_mask, rollout.temperature,
                                                            False, pos, ref_prefix)
                     saved[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
                     d = (old - b.sample_logp)[pos].abs()
@@ -427,7 +429,7 @@ def setup_distributed(args) -> tuple[int, int]:
     """Join torchrun's process group when there is one (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    cuda = (args.device or mtgrpo.default_device()).startswith("cuda")
+    cuda = (args.device or models.default_device()).startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, n = world()
     if cuda:
@@ -462,17 +464,17 @@ def main(argv=None) -> int:
     board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    device = args.device or mtgrpo.default_device()
+    device = args.device or models.default_device()
     prec = precision.resolve(args.precision, device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is available (leave --device out to use the CPU)")
     try:
-        model, tokenizer = mtgrpo.load_model(ckpt if state else args.model, device)  # float32
+        model, tokenizer = models.load_model(ckpt if state else args.model, device)  # float32
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     ref_model = None
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
-        ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
+        ref_model = copy.deepcopy(model) if not state else models.load_model(args.model, device)[0]
         precision.cast_params(ref_model, precision.DTYPES[prec]).eval().requires_grad_(False)  # as the policy
     if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -553,7 +555,7 @@ def main(argv=None) -> int:
         episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
         sampler.score_episodes(episodes)
-        advantages = mtgrpo.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
+        advantages = sampler.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
         upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
