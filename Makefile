@@ -41,7 +41,10 @@ bench-trl: $(STAMP)
 RUNS := $(wildcard results/runs/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
 SWEEP := $(wildcard results/sweep/*)
+# and configs/sweep_recipe.py's validation runs that choose recipe v2: results/sweep_recipe.{md,png}
+RECIPE := $(wildcard results/sweep_recipe/*)
 results: $(STAMP)
 	@test -n "$(RUNS)" || { echo "error: no runs in results/runs/ (python configs/compare.py makes them)"; exit 1; }
 	$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
+	$(if $(RECIPE),$(PY) report.py --table $(RECIPE) --plot $(RECIPE) --out results/sweep_recipe)
