@@ -283,6 +283,16 @@ def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: boo
     return True
 
 
+@functools.lru_cache(maxsize=8)
+def _may_close_tag(tokenizer) -> frozenset[int]:
+    """The ids whose text holds the last character of a stop string (">"): a turn's
+    text can only come to contain "</tool>" or "</answer>" with such a token, so the
+    sampler decodes a row's tail for those alone, not after every token of every row."""
+    last = {s[-1] for s in STOP_STRINGS}
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return frozenset(i for i, t in enumerate(texts) if any(c in t for c in last))
+
+
 def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: RolloutConfig, end_ids: frozenset[int]) -> bool:
     """Append one sampled token; end the turn at </tool>, </answer>, an end-of-turn token
     (`end_ids`: turn_end_ids) or the turn's token budget. Returns whether the episode goes on."""
@@ -290,8 +300,10 @@ def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: Rollou
     row.n_sampled += 1
     _extend(ep, [tok], row.turn, logp)
     row.feed = [tok]
-    tail = tokenizer.decode(ep.token_ids[max(row.turn_start, len(ep.token_ids) - 8) :])
-    stopped = tok in end_ids or any(s in tail for s in STOP_STRINGS)
+    stopped = tok in end_ids
+    if not stopped and tok in _may_close_tag(tokenizer):  # only then can the tail newly hold a stop string
+        tail = tokenizer.decode(ep.token_ids[max(row.turn_start, len(ep.token_ids) - 8) :])
+        stopped = any(s in tail for s in STOP_STRINGS)
     if not stopped and len(ep.token_ids) - row.turn_start < cfg.max_turn_tokens:
         return True
     return _end_turn(row, tokenizer, tools, cfg, stopped, end_ids)
@@ -365,8 +377,9 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
         logps = torch.log_softmax(logits / logT, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         # 3. record it; at the end of a turn the environment ends the episode or answers.
         # A parked row was fed a hole: its logits mean nothing, it records nothing.
+        toks, lps = tokens.tolist(), logps.tolist()  # one copy to the host per step, not two per row
         keep = [r for r, row in enumerate(live)
-                if row.parked or _record(row, int(tokens[r]), float(logps[r]), tokenizer, tools, cfg, end_ids)]
+                if row.parked or _record(row, toks[r], lps[r], tokenizer, tools, cfg, end_ids)]
         if len(keep) < len(live):
             batch.keep(keep)
             live = [live[r] for r in keep]
