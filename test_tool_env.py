@@ -211,7 +211,7 @@ def test_system_prompt_renders_tools_and_tags(tools):
     msgs = tool_env.initial_messages("Q?", tools, fewshot=True)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     # the demonstration's tool call is well-formed
-    assert parse_tool_call(msgs[2]["content"]) == ("wiki_search", {"query": "Japan major lakes"})
+    assert parse_tool_call(msgs[2]["content"]) == ("wiki_search", {"query": "Japan internet country code"})
 
 
 # ------------------------------------------------------------------ episode rules

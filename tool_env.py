@@ -194,24 +194,27 @@ def system_prompt(tools: dict[str, Callable]) -> str:
 
 
 # A one-shot demonstration placed before the question (fewshot=True). Small models
-# almost never call the tool from instructions alone. The demo asks something that no
-# task template asks (a lake), so it leaks no answer; its result is what the tool really
-# returns for its query, and its answer is a plain name taken from the result, without
-# the number beside it (a demo whose answer was ".jp" taught agents to answer ".LIMA").
+# almost never call the tool from instructions alone. The demo asks something that
+# no task template asks (an internet country code), so it leaks no answer. Its answer
+# ".jp" is copied by trained agents as a leading dot (".LIMA"; TriviaQA's normalization
+# removes it, so it scores). Demonstrations with a plain-name answer (a lake, a space
+# agency) were tried and kept out: the base model then calls the tool less and answers
+# from memory more, and MT-GRPO stopped calling the tool by step 6
+# (results/diagnostics/demo_variants.md).
 FEWSHOT = [
-    {"role": "user", "content": f"{QUESTION_PREFIX} What is the largest lake of Japan?"},
+    {"role": "user", "content": f"{QUESTION_PREFIX} What is the internet country code of Japan?"},
     {
         "role": "assistant",
-        "content": "<reasoning>I should look up the major lakes of Japan.</reasoning>\n"
-        '<tool>{"name": "wiki_search", "args": {"query": "Japan major lakes"}}</tool>',
+        "content": "<reasoning>I should look up Japan's internet country code.</reasoning>\n"
+        '<tool>{"name": "wiki_search", "args": {"query": "Japan internet country code"}}</tool>',
     },
     {
         "role": "user",
-        "content": f"{RESULT_OPEN}\nJapan - Geography - Major lakes (area sq km)\nfresh water lake(s): Biwa-ko 688 sq km\n{RESULT_CLOSE}",
+        "content": f"{RESULT_OPEN}\nJapan - Communications - Internet country code\n.jp\n{RESULT_CLOSE}",
     },
     {
         "role": "assistant",
-        "content": "<reasoning>The result says the largest lake is Biwa-ko.</reasoning>\n<answer>Biwa-ko</answer>",
+        "content": "<reasoning>The result says the code is .jp.</reasoning>\n<answer>.jp</answer>",
     },
 ]
 
