@@ -171,3 +171,93 @@ def test_sum_gradients_keeps_tensors_on_the_device_and_sends_few_buckets(tiny, m
             torch.testing.assert_close(grads_r[2], grads[0][2])
             for i in set(range(len(shapes))) - {1, 2}:
                 torch.testing.assert_close(grads_r[i], grads[0][i] + grads[1][i])
+
+
+# ------------------------------------------------------------------ --fsdp (sharding.py)
+
+def _three_groups():
+    """Three questions x G = 3 (one with only one trained rollout): process 0 trains
+    questions 0 and 2, process 1 question 1, so process 1 runs fewer micro-batches and
+    groups than process 0 and must pad them with idle passes (sharding.lockstep_plan)."""
+    from conftest import two_groups
+
+    eps, advs = two_groups(torch.Generator().manual_seed(0), prompt_lens=(20, 25, 22))
+    advs[4].zero_(), advs[5].zero_()
+    return eps, advs, {0: [0, 1, 2, 6, 7, 8], 1: [3, 4, 5]}
+
+
+def _adamw_update(model, master, episodes, advs):
+    """train.update with AdamW at lr 1e-3 (mu = 2 steps, gradients clipped at 0.1), TIS off."""
+    import sampler
+    import train
+
+    opt = train.make_optimizer(master.params, 1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = vars(train.parse_args(["--temperature", "1", "--micro-batch-tokens", "40", "--tis-cap", "0"]))
+    return train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args),
+                        sampler.RolloutConfig.from_dict(args), 0)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import CORPUS, Q
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import sampler
+    import sharding
+    import tool_env
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    sharding.wrap(model, "fp32", mesh=init_device_mesh("cpu", (world,)))
+    # sampling: every unit all-gathered once, however many tokens are decoded
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"  # FSDP's
+    gathers, all_gather = [], getattr(dist, name)
+    setattr(dist, name, lambda *a, **k: gathers.append(1) or all_gather(*a, **k))
+    cfg = sampler.RolloutConfig(max_turn_tokens=6, temperature=1.0, top_k=0)
+    with sharding.gathered(model):
+        episodes = sampler.sample_episodes(model, AutoTokenizer.from_pretrained(tiny_path), Q[rank:rank + 1],
+                                           tool_env.make_tools(CORPUS), 2, cfg, torch.Generator().manual_seed(rank))
+    setattr(dist, name, all_gather)
+    eps, advs, share = _three_groups()
+    upd = _adamw_update(model, sharding.ShardedWeights(model), [eps[i] for i in share[rank]],
+                        [advs[i] for i in share[rank]])
+    state = sharding.full_state_dict(model)  # on rank 0
+    if rank == 0:
+        torch.save({"upd": upd, "state": state, "gathers": len(gathers), "units": len(sharding.units(model)),
+                    "decoded": sum(sum(e.loss_mask) for e in episodes)}, out)
+    dist.destroy_process_group()
+
+
+def test_fsdp_two_processes_give_the_update_of_one(tiny, tmp_path):
+    """--fsdp, float32 (fp32 policy): 2 processes, each with its share of the episodes and
+    half of every weight, take the same two AdamW steps as one process with all the
+    episodes and the whole model (precision.MasterWeights): the same logged statistics
+    (relative 1e-5) and the same weights after the steps (within 1e-6; each moved by
+    about 2e-3). Not bitwise: the gradients are summed in another order."""
+    from transformers import AutoModelForCausalLM
+
+    import precision
+
+    _, path = tiny
+    out = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
+    two = torch.load(out)
+    assert two["units"] == 3 and two["gathers"] == 3 and two["decoded"] > 6  # 2 layers and the root, once each
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    master = precision.MasterWeights(model, "fp32")
+    eps, advs, _ = _three_groups()
+    one = _adamw_update(model, master, eps, advs)
+    assert one["trained_episodes"] == 7 and one["micro_batches"] == 4 and one["grad_norm"] > 0.1  # clipped
+    assert two["upd"].keys() == one.keys()
+    for k, v in one.items():
+        assert two["upd"][k] == (v if v is None or isinstance(v, int) else pytest.approx(v, rel=1e-5, abs=1e-9)), k
+    mine = master.state_dict()
+    assert two["state"].keys() == mine.keys()
+    for k, w in mine.items():
+        assert (w - init[k]).abs().max() > 1e-3, k  # every weight moved
+        torch.testing.assert_close(two["state"][k], w, atol=1e-6, rtol=0, msg=k)
