@@ -261,3 +261,65 @@ def test_fsdp_two_processes_give_the_update_of_one(tiny, tmp_path):
     for k, w in mine.items():
         assert (w - init[k]).abs().max() > 1e-3, k  # every weight moved
         torch.testing.assert_close(two["state"][k], w, atol=1e-6, rtol=0, msg=k)
+
+
+LAUNCHER = """import sys
+sys.path.insert(0, {here!r})
+import sampler, train
+from test_train import fake_scores
+sampler.score_episodes = fake_scores  # rewards that a random tiny model earns, so it really trains
+sys.exit(train.main())
+"""
+
+
+def _torchrun_fsdp(launcher, tiny_path, out, steps, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(launcher), "--model", tiny_path, "--steps", str(steps), "--questions-per-step", "2", "--group-size", "2",
+           "--max-turn-tokens", "8", "--eval-every", "2", "--eval-questions", "2", "--probe-questions", "2",
+           "--device", "cpu", "--save-every", "1", "--lr", "1e-3", "--precision", "bf16", "--fsdp",
+           "--output-dir", str(out), *extra]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_fsdp_resume_continues_exactly_and_saves_a_plain_checkpoint(tiny, tmp_path):
+    """torchrun --fsdp (bf16 policy, gloo): a 2-step run, and a 1-step run resumed to 2
+    steps, log the same lines (times, and the 1-step run's evaluation of its last step,
+    excepted) and save the same weights; the checkpoint
+    is a folder that plain transformers loads (float32), with the optimizer's shards in
+    DCP; resuming it with another number of processes is refused in one line."""
+    from transformers import AutoModelForCausalLM
+
+    import train
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(here=HERE))
+    _torchrun_fsdp(launcher, tiny[1], tmp_path / "full", 2)
+    _torchrun_fsdp(launcher, tiny[1], tmp_path / "cut", 1)
+    _torchrun_fsdp(launcher, tiny[1], tmp_path / "cut", 2, ["--resume"])
+
+    def lines(run):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in open(run / "log.jsonl")]
+
+    full, cut = lines(tmp_path / "full"), lines(tmp_path / "cut")
+    assert [r["step"] for r in full] == [0, 1, 2] and all(r["trained_episodes"] > 0 for r in full[1:])
+    assert full[2]["eval_episodes"] == 2 and "probe_kl_mean" in full[2]
+    assert "eval_exact_match" in cut[1]  # the 1-step run evaluated its last step, as every run does
+    cut[1] = {k: v for k, v in cut[1].items() if not k.startswith("eval_")}
+    assert cut == full
+    ckpt = tmp_path / "cut" / "checkpoint"
+    assert (ckpt / "optimizer" / ".metadata").exists() and "optimizer" not in torch.load(ckpt / "trainer_state.pt",
+                                                                                         weights_only=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint")
+    b = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert b.dtype == torch.float32 and b.get_input_embeddings().weight is b.get_output_embeddings().weight
+    start = AutoModelForCausalLM.from_pretrained(tiny[1]).state_dict()
+    for k, w in b.state_dict().items():
+        assert torch.equal(w, a.state_dict()[k]), k
+    assert any(not torch.equal(w, start[k]) for k, w in b.state_dict().items())  # it trained
+    args = ["--model", tiny[1], "--steps", "3", "--questions-per-step", "2", "--group-size", "2", "--max-turn-tokens", "8",
+            "--eval-every", "2", "--eval-questions", "2", "--probe-questions", "2", "--device", "cpu", "--save-every", "1",
+            "--lr", "1e-3", "--precision", "bf16", "--fsdp", "--output-dir", str(tmp_path / "cut"), "--resume"]
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint was saved by 2 processes; resume it with as many$"):
+        train.main(args)  # one process

@@ -476,7 +476,7 @@ def main(argv=None) -> int:
     if args.fsdp and not fsdp:
         print("note: --fsdp shards over torchrun's processes; one process trains the whole model as without it")
     if fsdp and state and not os.path.isdir(os.path.join(ckpt, sharding.OPTIMIZER_DIR)):
-        sys.exit(f"error: {ckpt} was saved by one process; resume it without torchrun" if rank == 0 else 1)
+        sys.exit(f"error: {ckpt} was saved without --fsdp; resume it without --fsdp" if rank == 0 else 1)
     board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
