@@ -25,14 +25,17 @@ torch.distributed.fsdp.fully_shard (FSDP2):
   vocabulary rows that the loss needs go through the head), which bypasses the
   root's FSDP hooks. So the update gathers the root's weights at the start of each
   optimizer step and frees them after it (ShardedWeights.zero_grad and push); the
-  decoder layers are FSDP units of their own and gather themselves as they run.
+  decoder layers are FSDP units of their own and gather themselves as they run, for
+  the backward when the gradient reaches their output: a shared prompt's backward
+  (mtgrpo.Prefix) starts from its keys and values, so it also sends a zero gradient
+  through the last hidden state (Prefix(through_output=True)).
 - lockstep: all-gathers and reduce-scatters are collectives, so every process must
   run the same passes in the same order. Processes train different episodes, so
   lockstep_plan pads each one's plan of micro-batches to the longest over the
   processes with idle passes (a forward and a backward that add exactly 0).
-- sampling and evaluation: gathered() all-gathers every unit once and keeps the
-  whole compute-dtype model through the decode loop (one all-gather per step, not
-  per decoded token), then frees it.
+- sampling, evaluation and the probe: gathered() all-gathers every unit once and
+  keeps the whole compute-dtype model through the decode loop (each unit gathered
+  once per training step's sampling, not once per decoded token), then frees it.
 - checkpoints: save_checkpoint gathers the full float32 state dict onto rank 0's CPU
   and writes the usual Hugging Face folder (checkpoint.py, which plain transformers
   loads), and each process writes its optimizer shards with torch.distributed
@@ -148,16 +151,13 @@ class ShardedWeights:
         self.model.reshard()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """torch.nn.utils.clip_grad_norm_ over the sharded gradients: the norm of the
-        whole gradient (the DTensor norm of the shards, reduced over the processes)."""
+        """torch.nn.utils.clip_grad_norm_ over the sharded gradients: on DTensors it takes
+        the norm of the whole gradient (the shards' norms reduced over the processes)
+        and returns it as a replicated DTensor; here as a plain tensor."""
         from torch.distributed.tensor import DTensor
 
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
-        return norm
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def lockstep_plan(plan: list, filler: list[int]) -> list:

@@ -11,13 +11,15 @@ sampling uses the training model itself with a KV cache. Several processes (torc
 one per GPU, or gloo on CPU) each sample and score their share of a step's questions (a
 question's G rollouts stay in one process, so group statistics need no communication),
 and their float32 gradients are summed once per optimizer step (see update); every
-process holds the whole model and optimizer state; rank 0 writes logs, evaluations and
-checkpoints.
+process holds the whole model and optimizer state (with --fsdp, 1/N of them, and the
+gradients are reduce-scattered after every backward: sharding.py);
+rank 0 writes logs, evaluations and checkpoints.
 
     python train.py                                   # CPU-sized defaults, embedded model, factbook
     python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
     python train.py --resume --output-dir runs/mt-grpo   # continue after a crash
     torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
+    torchrun --nproc_per_node 8 train.py --fsdp ...                 # a model that does not fit one GPU
 
 Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (checkpoint.py).
 """
