@@ -177,13 +177,14 @@ def test_sum_gradients_keeps_tensors_on_the_device_and_sends_few_buckets(tiny, m
 
 def _three_groups():
     """Three questions x G = 3 (one with only one trained rollout): process 0 trains
-    questions 0 and 2, process 1 question 1, so process 1 runs fewer micro-batches and
-    groups than process 0 and must pad them with idle passes (sharding.lockstep_plan)."""
+    questions 2 (two micro-batches) and 0 (one), process 1 question 1 (one), so process 1
+    pads its group with an idle micro-batch and adds a group of one idle micro-batch
+    (sharding.lockstep_plan)."""
     from conftest import two_groups
 
     eps, advs = two_groups(torch.Generator().manual_seed(0), prompt_lens=(20, 25, 22))
     advs[4].zero_(), advs[5].zero_()
-    return eps, advs, {0: [0, 1, 2, 6, 7, 8], 1: [3, 4, 5]}
+    return eps, advs, {0: [6, 7, 8, 0, 1, 2], 1: [3, 4, 5]}
 
 
 def _adamw_update(model, master, episodes, advs):
@@ -223,11 +224,16 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -> 
                                            tool_env.make_tools(CORPUS), 2, cfg, torch.Generator().manual_seed(rank))
     setattr(dist, name, all_gather)
     eps, advs, share = _three_groups()
+    idle, idle_pass = [], sharding.idle_pass
+    sharding.idle_pass = lambda *a: idle.append(1) or idle_pass(*a)
     upd = _adamw_update(model, sharding.ShardedWeights(model), [eps[i] for i in share[rank]],
                         [advs[i] for i in share[rank]])
     state = sharding.full_state_dict(model)  # on rank 0
+    idle_passes = [None] * world
+    dist.all_gather_object(idle_passes, len(idle))
     if rank == 0:
         torch.save({"upd": upd, "state": state, "gathers": len(gathers), "units": len(sharding.units(model)),
+                    "idle_passes": idle_passes,
                     "decoded": sum(sum(e.loss_mask) for e in episodes)}, out)
     dist.destroy_process_group()
 
@@ -247,6 +253,7 @@ def test_fsdp_two_processes_give_the_update_of_one(tiny, tmp_path):
     mp.spawn(_fsdp_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
     two = torch.load(out)
     assert two["units"] == 3 and two["gathers"] == 3 and two["decoded"] > 6  # 2 layers and the root, once each
+    assert two["idle_passes"] == [0, 2 * 2]  # mu = 2 optimizer steps
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     master = precision.MasterWeights(model, "fp32")
