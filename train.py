@@ -471,9 +471,9 @@ def main(argv=None) -> int:
         dist.barrier()
         if rank > 0 and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
             state = checkpoint.load_trainer_state(ckpt)
-    if state and len(state.get("rng") or [state]) != n_proc:  # before one checkpoint has only one process's rng
-        sys.exit(f"error: the checkpoint was saved by {len(state.get('rng') or [state])} processes; "
-                 f"resume it with as many" if rank == 0 else 1)
+    rngs = (state.get("rng") or [state]) if state else None  # one-process checkpoints of old kept it at the top
+    if state and len(rngs) != n_proc:  # checked before any weights are read: --fsdp's optimizer shards are per process
+        sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many" if rank == 0 else 1)
     fsdp = args.fsdp and n_proc > 1  # --fsdp (sharding.py); one process keeps the whole model
     if args.fsdp and not fsdp:
         print("note: --fsdp shards over torchrun's processes; one process trains the whole model as without it")
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else mtgrpo.load_model(args.model, device)[0]
         precision.cast_params(ref_model, precision.DTYPES[prec]).eval().requires_grad_(False)  # as the policy
-        ref_model.to(device)  # --fsdp: not sharded, a whole copy per process
+        ref_model.to(device)  # --fsdp: loaded on the CPU, and not sharded: a whole copy per process
     if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
         model.get_input_embeddings().weight.requires_grad_(False)
     if fsdp:  # the float32 shards are the master weights; the engine gathers bf16 copies to compute
@@ -515,7 +515,6 @@ def main(argv=None) -> int:
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rngs = state.get("rng") or [state]  # checkpoints of one process before torchrun support kept them at the top
         start = state["step"]
         saved_on = checkpoint.set_rng_state(generator, rngs[rank], reseed=(args.seed + rank) * 1_000_003 + start)
         if saved_on and rank == 0:
@@ -555,10 +554,10 @@ def main(argv=None) -> int:
                     board.add_scalar(k, v, rec["step"])
             board.flush()
 
-    def whole_model():
+    def whole_model(needed=True):
         """--fsdp: every process gathers the whole model (sharding.gathered) for sampling, and for
         rank 0's evaluation and probe, which the others wait out inside; without it, nothing."""
-        return sharding.gathered(model) if fsdp else contextlib.nullcontext()
+        return sharding.gathered(model) if fsdp and needed else contextlib.nullcontext()
 
     if rank > 0:
         eval_rows = None  # rank 0 evaluates (greedy, deterministic); the others wait at the next all-reduce
@@ -566,7 +565,7 @@ def main(argv=None) -> int:
     if probe_rows and rank == 0:  # every process holds the same policy: one probes it
         the_probe = probe.build_probe(tokenizer, [probe_rows[i] for i in spread(len(probe_rows), args.probe_questions)],
                                       tools, args.fewshot)
-    with whole_model() if probe_rows or (args.eval_every and start == 0) else contextlib.nullcontext():
+    with whole_model(probe_rows or (args.eval_every and start == 0)):
         if the_probe:
             probe_before = probe.probe_logprobs(model, the_probe)  # the policy the first update starts from
         if (eval_rows or the_probe) and start == 0:
@@ -599,7 +598,7 @@ def main(argv=None) -> int:
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
         eval_now = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
-        with whole_model() if probe_rows or eval_now else contextlib.nullcontext():
+        with whole_model(probe_rows or eval_now):
             if the_probe:  # how far this update moved the policy, on fixed contexts (probe.py)
                 model.eval()
                 after = probe.probe_logprobs(model, the_probe)
