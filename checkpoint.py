@@ -56,23 +56,40 @@ def set_rng_state(generator, rng: dict, reseed: int) -> str | None:
 def save_checkpoint(out_dir, master, tokenizer, optimizer, scheduler, rngs: list[dict], step, args):
     """model (its float32 master weights, save_pretrained) + tokenizer + trainer state
     (with the RNG states of every process), into a temp folder that then replaces
-    OUTPUT_DIR/checkpoint, so a kill never leaves a half checkpoint."""
-    final = os.path.join(out_dir, "checkpoint")
-    tmp = final + ".tmp"
+    OUTPUT_DIR/checkpoint, so a kill never leaves a half checkpoint. (--fsdp:
+    sharding.save_checkpoint, from the same pieces.)"""
+    tmp = begin_checkpoint(out_dir)
+    save_model(master.model, tmp, master.state_dict())
+    write_trainer_files(tmp, out_dir, tokenizer, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                  "rng": rngs}, step, args)
+    commit_checkpoint(out_dir)
+
+
+def begin_checkpoint(out_dir) -> str:
+    """A fresh OUTPUT_DIR/checkpoint.tmp to write the next checkpoint into."""
+    tmp = os.path.join(out_dir, "checkpoint.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(master, tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def write_trainer_files(tmp, out_dir, tokenizer, trainer_state: dict, step, args) -> None:
+    """The tokenizer, trainer_state.pt (`trainer_state` with the step and the config)
+    and the model card, into the checkpoint folder being written."""
     tokenizer.save_pretrained(tmp)
-    torch.save({
-        "step": step, "config": vars(args), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": rngs,
-    }, os.path.join(tmp, "trainer_state.pt"))
+    torch.save({"step": step, "config": vars(args), **trainer_state}, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(args, step, os.path.join(out_dir, "log.jsonl")))
+
+
+def commit_checkpoint(out_dir) -> None:
+    """checkpoint.tmp replaces checkpoint (kept as checkpoint.old between the two renames)."""
+    final = os.path.join(out_dir, "checkpoint")
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(final + ".tmp", final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -112,11 +129,11 @@ def model_card(args, step: int, log_path: str) -> str:
             f"Made with:\n\n    python train.py {flags}\n")
 
 
-def save_model(master, folder) -> None:
-    """save_pretrained with the float32 master weights. save_pretrained writes the
-    model's own dtype (bfloat16 in bf16) into config.json, and from_pretrained with
+def save_model(model, folder, state_dict: dict) -> None:
+    """save_pretrained with a float32 state dict (the master weights). save_pretrained
+    writes the model's own dtype (bfloat16 in bf16) into config.json, and from_pretrained with
     dtype="auto" (its default) would then round the weights on load: say float32."""
-    master.model.save_pretrained(folder, state_dict=master.state_dict())
+    model.save_pretrained(folder, state_dict=state_dict)
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         cfg = json.load(f)

@@ -109,15 +109,22 @@ class Prefix:
     over micro-batches in float32, as the weights' gradients do (precision.MasterWeights):
     cache() casts them to the compute dtype, and each micro-batch's bf16 gradient comes
     back through that cast as float32. In float32 training the cast is the tensor itself.
+
+    through_output (train.py --fsdp): backward() also sends a zero gradient through the
+    prefix's last hidden state. Under FSDP a layer gathers its weights for the
+    backward when the gradient reaches its output; without this the last layer's
+    output gets none (only its keys and values do), and its freed weights would be read.
     """
 
-    def __init__(self, model, ids: list[int], device):
+    def __init__(self, model, ids: list[int], device, through_output: bool = False):
         self.length = len(ids)
-        self.kv, self.leaves = [], []
+        self.kv, self.leaves, self.hidden = [], [], None
         if not ids:
             return
         grad = torch.is_grad_enabled()
         out = model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        if through_output and grad:
+            self.hidden = out.last_hidden_state
         for layer in out.past_key_values.layers:
             self.kv += [layer.keys, layer.values]
             self.leaves += [t.detach().float().requires_grad_(grad) for t in (layer.keys, layer.values)]
@@ -136,8 +143,10 @@ class Prefix:
         """Send the gradient the continuations left on `leaves` through the prefix's forward."""
         pairs = [(t, leaf.grad.to(t.dtype)) for t, leaf in zip(self.kv, self.leaves) if leaf.grad is not None]
         if pairs and pairs[0][0].requires_grad:
+            if self.hidden is not None:
+                pairs.append((self.hidden, torch.zeros_like(self.hidden)))
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-        self.kv, self.leaves = [], []
+        self.kv, self.leaves, self.hidden = [], [], None
 
 
 def _head_on_positions_ok(model) -> bool:

@@ -11,13 +11,15 @@ sampling uses the training model itself with a KV cache. Several processes (torc
 one per GPU, or gloo on CPU) each sample and score their share of a step's questions (a
 question's G rollouts stay in one process, so group statistics need no communication),
 and their float32 gradients are summed once per optimizer step (see update); every
-process holds the whole model and optimizer state; rank 0 writes logs, evaluations and
-checkpoints.
+process holds the whole model and optimizer state (with --fsdp, 1/N of them, and the
+gradients are reduce-scattered after every backward: sharding.py);
+rank 0 writes logs, evaluations and checkpoints.
 
     python train.py                                   # CPU-sized defaults, embedded model, factbook
     python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
     python train.py --resume --output-dir runs/mt-grpo   # continue after a crash
     torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
+    torchrun --nproc_per_node 8 train.py --fsdp ...                 # a model that does not fit one GPU
 
 Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (checkpoint.py).
 """
@@ -25,6 +27,7 @@ Writes OUTPUT_DIR/log.jsonl (one line per step) and OUTPUT_DIR/checkpoint/ (chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,6 +53,7 @@ import mtgrpo
 import precision
 import probe
 import sampler
+import sharding
 import tool_env
 
 
@@ -134,6 +138,9 @@ def parse_args(argv=None):
     a("--log", default="jsonl", choices=("jsonl", "tensorboard"),
       help="OUTPUT_DIR/log.jsonl always; tensorboard: the same scalars to OUTPUT_DIR/tb too (pip install tensorboard)")
     a("--device", default=None)
+    a("--fsdp", action="store_true",
+      help="torchrun: shard the weights, gradients and AdamW state over the processes (FSDP2, as the paper's "
+           "ZeRO-3), for a model that does not fit one GPU; one process ignores it")
     a("--precision", default="auto", choices=precision.PRECISIONS,
       help="bf16: bf16 forward/backward with float32 master weights and AdamW state; auto: bf16 where the hardware is fast at it")
     a("--tis-cap", type=float, default=U.tis_cap, help="cap C of the truncated importance-sampling weight (0: off)")
@@ -244,6 +251,10 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     # Early in training most groups have equal rewards, so this saves a lot.
     todo = [i for i, a in enumerate(advantages) if cfg.beta > 0 or bool(a.any())]
     plan = logprobs.plan_micro_batches(episodes, todo, cfg.micro_batch_tokens, shared_prefix)
+    n_micro = sum(len(c) for _, c in plan)
+    fsdp = isinstance(master, sharding.ShardedWeights)
+    if fsdp:  # --fsdp: every process runs as many passes as the busiest one (idle ones add 0)
+        plan = sharding.lockstep_plan(plan, [pad_id] if shared_prefix else [])
     totals = Counter()
     saved = {}  # (group, micro-batch) -> old_logp, TIS weights, ref_logp of iteration 0
     diff_sum = diff_max = 0.0
@@ -252,12 +263,15 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         master.zero_grad()
         ent_sum = tok_sum = 0.0
         for gi, (prefix_ids, chunks) in enumerate(plan):
-            prefix = logprobs.Prefix(model, prefix_ids, device)
+            prefix = logprobs.Prefix(model, prefix_ids, device, through_output=fsdp)
             ref_prefix = None
             if ref_model is not None and it == 0:
                 with torch.no_grad():
                     ref_prefix = logprobs.Prefix(ref_model, prefix_ids, device)
             for ci, g in enumerate(chunks):
+                if g is None:  # --fsdp: this process takes part in the others' collectives, adding 0
+                    sharding.idle_pass(model, prefix, pad_id, device)
+                    continue
                 b = logprobs.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
                 pos = b.loss_mask.bool()  # log-probs only where the loss needs them
                 logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, rollout.temperature, True, pos, prefix)
@@ -292,8 +306,12 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
                 tok_sum += n_tok
             prefix.backward()  # the group's prompt: its gradient, once
             master.collect_grads()
-        sum_gradients(master.params)
-        totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip))
+        if fsdp:  # the engine has summed every backward's gradients over the processes (reduce-scatter)
+            grad_norm = master.clip_grad_norm_(cfg.grad_clip)
+        else:
+            sum_gradients(master.params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
+        totals["grad_norm"] += float(grad_norm)
         lr = optimizer.param_groups[0]["lr"]  # the lr this optimizer step uses
         optimizer.step()
         master.push()
@@ -310,7 +328,7 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         # sampler vs trainer log-probs of the trained tokens, before any update
         "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
         "is_weight_min": totals.get("is_weight_min", 1.0),
-        "lr": lr, "micro_batches": sum(len(c) for _, c in plan), "trained_episodes": len(todo),
+        "lr": lr, "micro_batches": n_micro, "trained_episodes": len(todo),
     }, n_first)
 
 
@@ -461,6 +479,14 @@ def main(argv=None) -> int:
         dist.barrier()
         if rank > 0 and os.path.exists(os.path.join(ckpt, "trainer_state.pt")):
             state = checkpoint.load_trainer_state(ckpt)
+    rngs = (state.get("rng") or [state]) if state else None  # one-process checkpoints of old kept it at the top
+    if state and len(rngs) != n_proc:  # checked before any weights are read: --fsdp's optimizer shards are per process
+        sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many" if rank == 0 else 1)
+    fsdp = args.fsdp and n_proc > 1  # --fsdp (sharding.py); one process keeps the whole model
+    if args.fsdp and not fsdp:
+        print("note: --fsdp shards over torchrun's processes; one process trains the whole model as without it")
+    if fsdp and state and not os.path.isdir(os.path.join(ckpt, sharding.OPTIMIZER_DIR)):
+        sys.exit(f"error: {ckpt} was saved without --fsdp; resume it without --fsdp" if rank == 0 else 1)
     board = checkpoint.open_board(args) if rank == 0 else None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -469,16 +495,21 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA GPU is available (leave --device out to use the CPU)")
     try:
-        model, tokenizer = models.load_model(ckpt if state else args.model, device)  # float32
+        # float32; --fsdp: onto the CPU, sharding.wrap moves each process's shards to the device
+        model, tokenizer = models.load_model(ckpt if state else args.model, "cpu" if fsdp else device)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     ref_model = None
     if args.beta > 0:  # the initial policy, frozen, in the compute dtype
         ref_model = copy.deepcopy(model) if not state else models.load_model(args.model, device)[0]
         precision.cast_params(ref_model, precision.DTYPES[prec]).eval().requires_grad_(False)  # as the policy
+        ref_model.to(device)  # --fsdp: loaded on the CPU, and not sharded: a whole copy per process
     if args.freeze_embeddings:  # tied to the LM head in the embedded model: freezes both
         model.get_input_embeddings().weight.requires_grad_(False)
-    master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
+    if fsdp:  # the float32 shards are the master weights; the engine gathers bf16 copies to compute
+        master = sharding.ShardedWeights(sharding.wrap(model, prec, device))
+    else:
+        master = precision.MasterWeights(model, prec)  # float32 master copy; the model becomes bf16 in bf16
 
     optimizer = make_optimizer(master.params, args.lr)
     total = args.steps * args.mu  # optimizer steps of the whole run
@@ -487,11 +518,11 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process samples its own
     start = 0
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            sharding.load_optimizer(ckpt, model, optimizer)  # each process its shards
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rngs = state.get("rng") or [state]  # checkpoints of one process before torchrun support kept them at the top
-        if len(rngs) != n_proc:
-            sys.exit(f"error: the checkpoint was saved by {len(rngs)} processes; resume it with as many")
         start = state["step"]
         saved_on = checkpoint.set_rng_state(generator, rngs[rank], reseed=(args.seed + rank) * 1_000_003 + start)
         if saved_on and rank == 0:
@@ -531,17 +562,24 @@ def main(argv=None) -> int:
                     board.add_scalar(k, v, rec["step"])
             board.flush()
 
+    def whole_model(needed=True):
+        """--fsdp: every process gathers the whole model (sharding.gathered) for sampling, and for
+        rank 0's evaluation and probe, which the others wait out inside; without it, nothing."""
+        return sharding.gathered(model) if fsdp and needed else contextlib.nullcontext()
+
     if rank > 0:
         eval_rows = None  # rank 0 evaluates (greedy, deterministic); the others wait at the next all-reduce
     the_probe = probe_before = None
     if probe_rows and rank == 0:  # every process holds the same policy: one probes it
         the_probe = probe.build_probe(tokenizer, [probe_rows[i] for i in spread(len(probe_rows), args.probe_questions)],
                                       tools, args.fewshot)
-        probe_before = probe.probe_logprobs(model, the_probe)  # the policy the first update starts from
-    if (eval_rows or the_probe) and start == 0:
-        # step 0: the model before any update, the baseline every later evaluation is read against
-        write_log({"step": 0, **(run_eval(0) if eval_rows else {}),
-                   **(probe.measure(the_probe, probe_before, None) if the_probe else {})})
+    with whole_model(probe_rows or (args.eval_every and start == 0)):
+        if the_probe:
+            probe_before = probe.probe_logprobs(model, the_probe)  # the policy the first update starts from
+        if (eval_rows or the_probe) and start == 0:
+            # step 0: the model before any update, the baseline every later evaluation is read against
+            write_log({"step": 0, **(run_eval(0) if eval_rows else {}),
+                       **(probe.measure(the_probe, probe_before, None) if the_probe else {})})
 
     from tqdm import tqdm
 
@@ -552,7 +590,8 @@ def main(argv=None) -> int:
         rows = [train_rows[i] for i in questions_for_step(len(train_rows), step, args.questions_per_step, args.seed)]
         rows = rows[rank::n_proc]  # this process's share; a question's G rollouts stay together
         model.eval()
-        episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
+        with whole_model():
+            episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
         sampler.score_episodes(episodes)
         advantages = sampler.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
@@ -566,19 +605,23 @@ def main(argv=None) -> int:
             episodes, advantages = [e for e, _ in pairs], [a for _, a in pairs]
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
                "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
-        if the_probe:  # how far this update moved the policy, on fixed contexts (probe.py)
-            model.eval()
-            after = probe.probe_logprobs(model, the_probe)
-            rec.update(probe.measure(the_probe, after, probe_before), time_probe=time.time() - t3)
-            probe_before = after
-        if eval_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            rec.update(run_eval(step + 1))  # the final model is always evaluated
+        eval_now = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
+        with whole_model(probe_rows or eval_now):
+            if the_probe:  # how far this update moved the policy, on fixed contexts (probe.py)
+                model.eval()
+                after = probe.probe_logprobs(model, the_probe)
+                rec.update(probe.measure(the_probe, after, probe_before), time_probe=time.time() - t3)
+                probe_before = after
+            if eval_rows and eval_now:
+                rec.update(run_eval(step + 1))  # the final model is always evaluated
         if rank == 0:
             write_log(rec)
         bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             rngs = gather(checkpoint.rng_state(generator))
-            if rank == 0:
+            if fsdp:  # every process: the full state dict to rank 0, the optimizer's shards
+                sharding.save_checkpoint(args.output_dir, model, tokenizer, optimizer, scheduler, rngs, step + 1, args)
+            elif rank == 0:
                 checkpoint.save_checkpoint(args.output_dir, master, tokenizer, optimizer, scheduler, rngs, step + 1, args)
     if n_proc > 1:
         dist.barrier()  # the last checkpoint is written before any process exits
