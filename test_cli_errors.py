@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import evaluate
+import memory_plan
 import report
 import train
 
@@ -73,8 +74,10 @@ CASES = [
     ("evaluate", _no_chat_template, "has no chat template"),
     ("report", ["--table", "/nonexistent/run-s0"], "no log.jsonl"),
     ("report", [], "nothing to do"),
+    ("memory_plan", ["--model", "/nonexistent/model"], "no config for model '/nonexistent/model'"),
+    ("memory_plan", ["--questions-per-step", "4", "--processes", "3"], "must be a multiple of the 3 processes"),
 ]
-MAIN = {"train": train.main, "evaluate": evaluate.main, "report": report.main}
+MAIN = {"train": train.main, "evaluate": evaluate.main, "report": report.main, "memory_plan": memory_plan.main}
 
 
 @pytest.mark.parametrize("command, argv, words", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
