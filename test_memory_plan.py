@@ -156,3 +156,10 @@ def test_kv_cache_slots_match_the_sampler(tiny, tokenizer, tools, monkeypatch):
     s = mp.Settings(prompt_tokens=prompt, max_turn_tokens=48, max_tool_calls=1, result_tokens=result + 1)
     assert filled <= mp.episode_tokens(s)
     assert capacity == mp.allocated_slots(prompt, filled) > filled
+
+
+def test_the_commands_defaults_are_train_pys():
+    """Settings() (the plan the gpu check compares with a default train.py run) has
+    train.py's defaults, as the command line's flags do."""
+    args = vars(mp.parse_args([]))
+    assert mp.Settings(**{f.name: args[f.name] for f in dataclasses.fields(mp.Settings)}) == mp.Settings()
