@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train bench bench-trl results clean
+.PHONY: install test train bench bench-trl results clean gpu-check
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench.py
+
+# the first machine with a CUDA GPU: the device tests on CUDA, a short training run, the
+# memory plan against its peaks, the benchmark, torchrun on 2 GPUs, the rest of the suite;
+# the report goes to results/gpu_check/ (gpu_check.py). Without a GPU: one line, status 1.
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py
 
 # the peer of the benchmark, TRL's GRPOTrainer, in its own virtual environment (TRL is
 # not a dependency of this project); bench.py runs bench_trl.py there when it exists

@@ -1,7 +1,14 @@
 """Fixtures and helpers shared by the test files: the embedded model's tokenizer, tiny
 random models with that tokenizer (fast stand-ins for the real model), a small search
 corpus and its tools, a chat builder for crafted episodes, two questions (Q), scripted
-rollouts, synthetic groups of episodes and a train.update with lr 0."""
+rollouts, synthetic groups of episodes and a train.update with lr 0.
+
+The device of the tests that can run on one: MTGRPO_TEST_DEVICE (default cpu, so
+`make test` runs on the CPU; `make gpu-check` sets cuda). Those tests take the `device`
+fixture and are marked `device` (`pytest -m device` runs them alone)."""
+
+import copy
+import os
 
 import pytest
 import torch
@@ -30,6 +37,34 @@ def chat(*turns: str, question: str = "q") -> list[dict]:
     (user) messages alternately."""
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": f"{tool_env.QUESTION_PREFIX} {question}"}]
     return msgs + [{"role": "assistant" if i % 2 == 0 else "user", "content": t} for i, t in enumerate(turns)]
+
+
+TEST_DEVICE = os.environ.get("MTGRPO_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on MTGRPO_TEST_DEVICE (default cpu)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """MTGRPO_TEST_DEVICE; an error, not a skip, where it names a CUDA device that is
+    missing: a GPU check must not pass by running nothing."""
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"MTGRPO_TEST_DEVICE={TEST_DEVICE} but torch sees no CUDA GPU")
+    return TEST_DEVICE
+
+
+def on(model, device):
+    """The model itself on the CPU, a copy on another device (the fixtures' models are
+    shared by a whole module and stay on the CPU)."""
+    return model if str(device) == "cpu" else copy.deepcopy(model).to(device)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +116,11 @@ def scripted(tokenizer, query):
 def run_scripted(model, tokenizer, tools, queries, **kw):
     force = [scripted(tokenizer, q) if q else tokenizer.encode("<answer>x</answer>", add_special_tokens=False) for q in queries]
     cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0, **kw)
-    return sampler.sample_episodes(model, tokenizer, Q, tools, len(queries) // 2, cfg,
-                                  generator=torch.Generator().manual_seed(0), force=force)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)  # sampling needs one on its device
+    return sampler.sample_episodes(model, tokenizer, Q, tools, len(queries) // 2, cfg, generator=gen, force=force)
 
 
 def in_dtype(model, dtype):
-    import copy
-
     return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 

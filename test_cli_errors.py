@@ -11,6 +11,8 @@ import sys
 import pytest
 
 import evaluate
+import gpu_check
+import memory_plan
 import report
 import train
 
@@ -73,8 +75,12 @@ CASES = [
     ("evaluate", _no_chat_template, "has no chat template"),
     ("report", ["--table", "/nonexistent/run-s0"], "no log.jsonl"),
     ("report", [], "nothing to do"),
+    ("memory_plan", ["--model", "/nonexistent/model"], "no config for model '/nonexistent/model'"),
+    ("memory_plan", ["--questions-per-step", "4", "--processes", "3"], "must be a multiple of the 3 processes"),
+    ("gpu_check", ["--only", "tests,nope"], "unknown step nope"),
 ]
-MAIN = {"train": train.main, "evaluate": evaluate.main, "report": report.main}
+MAIN = {"train": train.main, "evaluate": evaluate.main, "report": report.main, "memory_plan": memory_plan.main,
+        "gpu_check": gpu_check.main}
 
 
 @pytest.mark.parametrize("command, argv, words", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
@@ -93,6 +99,18 @@ def test_user_error_is_one_clear_line(command, argv, words, tmp_path, tiny, caps
     assert code != 0 and code is not None
     assert words in message, message
     assert "\n" not in message.strip() and "Traceback" not in message
+
+
+def test_gpu_check_without_a_gpu_is_one_line_and_runs_nothing(tmp_path, monkeypatch):
+    """make gpu-check on a machine without CUDA: status 1, one line, no report, no step."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's case, on any machine
+    monkeypatch.setattr(gpu_check, "run_command", lambda *a, **k: pytest.fail("a step ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "report")])
+    assert str(exit_info.value.code).startswith("error: no CUDA GPU: torch ") and "\n" not in exit_info.value.code
+    assert not (tmp_path / "report").exists()
 
 
 def test_a_user_error_through_the_real_command_line():

@@ -10,20 +10,21 @@ import torch
 import logprobs
 import mtgrpo
 import sampler
-from conftest import run_update, two_groups
+from conftest import on, run_update, two_groups
 
 
 # ------------------------------------------------------------------ the training pass
 
 
-def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
-    model, _ = tiny
+def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer, device):
+    model = on(tiny[0], device)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 1000, (3, 10), generator=g)
     attn = torch.ones(3, 10, dtype=torch.long)
     attn[1, 7:] = 0  # right padding
     pos = torch.zeros(3, 10, dtype=torch.bool)
     pos[0, 4:] = pos[1, 3:7] = pos[2, 9] = True
+    ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
     assert logprobs._head_on_positions_ok(model)  # a Llama: the head can run on selected positions
     with torch.no_grad():
         full = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / 0.7, -1)
@@ -42,8 +43,8 @@ def test_logprobs_on_selected_positions_equal_full_forward(tiny, tokenizer):
 # ------------------------------------------------------------------ micro-batches and the shared prompt prefix
 
 
-def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer):
-    model, _ = tiny
+def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer, device):
+    model = on(tiny[0], device)
     g = torch.Generator().manual_seed(1)
     episodes = []
     for n in (5, 9, 12, 7):
@@ -56,7 +57,7 @@ def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer):
     def grads(groups):
         model.zero_grad()
         for grp in groups:
-            b = logprobs.collate([episodes[i] for i in grp], [advs[i] for i in grp], tokenizer.pad_token_id)
+            b = logprobs.collate([episodes[i] for i in grp], [advs[i] for i in grp], tokenizer.pad_token_id, device)
             logp, _ = logprobs.token_logprobs(model, b.input_ids, b.attention_mask)
             loss, _ = mtgrpo.policy_loss(logp, logp.detach(), b.advantages, b.loss_mask, normalizer=total)
             loss.backward()
@@ -81,11 +82,11 @@ def test_plan_groups_rollouts_by_prompt():
     assert logprobs.plan_micro_batches(eps, [0, 4], 100, shared_prefix=False) == [([], [[0, 4]])]
 
 
-def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer):
+def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer, device):
     """The prompt forwarded once per group (its keys and values reused, gradients
     through both) gives the loss and gradient of forwarding every episode whole, also
     when a group's continuations are split over micro-batches."""
-    model, _ = tiny
+    model = on(tiny[0], device)
     eps, advs = two_groups(torch.Generator().manual_seed(1))
     # no clipping: clipped to a norm of 0.1, a uniform scale error in either pass would go unseen
     flags = ["--mu", "1", "--tis-cap", "0", "--grad-clip", "1e9"]
@@ -101,7 +102,7 @@ def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer):
         torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-4)
 
 
-def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny):
+def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny, device):
     """In bf16 training the prompt's keys and values are bf16, but the leaves that collect
     their gradient over micro-batches are float32: the accumulated gradient is the
     float32 sum of each micro-batch's gradient (a bf16 leaf would round every partial sum)."""
@@ -109,17 +110,17 @@ def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny):
 
     import precision
 
-    model = copy.deepcopy(tiny[0])
+    model = copy.deepcopy(tiny[0]).to(device)
     precision.MasterWeights(model, "bf16")
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 1000, (30,), generator=g).tolist()
-    chunks = [torch.randint(0, 1000, (2, 8), generator=g) for _ in range(3)]  # three micro-batches
+    chunks = [torch.randint(0, 1000, (2, 8), generator=g).to(device) for _ in range(3)]  # three micro-batches
 
     def loss(prefix, ids):
         logp, _ = logprobs.token_logprobs(model, ids, torch.ones_like(ids), prefix=prefix)
         return -logp.sum()
 
-    prefix = logprobs.Prefix(model, prompt, "cpu")
+    prefix = logprobs.Prefix(model, prompt, device)
     assert prefix.kv[0].dtype == torch.bfloat16 and all(leaf.dtype == torch.float32 for leaf in prefix.leaves)
     each = [torch.autograd.grad(loss(prefix, ids), prefix.leaves) for ids in chunks]  # one micro-batch's gradient each
     for ids in chunks:

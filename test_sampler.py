@@ -9,11 +9,12 @@ import logprobs
 import models
 import sampler
 import tool_env
-from conftest import Q, in_dtype, run_scripted, scripted
+from conftest import Q, in_dtype, on, run_scripted, scripted
 
 
 def check_consistency(model, tokenizer, episodes, tol=1e-4):
-    b = logprobs.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id)
+    b = logprobs.collate(episodes, [torch.zeros(len(e.token_ids)) for e in episodes], tokenizer.pad_token_id,
+                       next(model.parameters()).device)
     with torch.no_grad():
         logp, _ = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, 1.0)
     m = b.loss_mask.bool()
@@ -74,13 +75,13 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype):
-    model = in_dtype(tiny[0], dtype)
+def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype, device):
+    model = on(in_dtype(tiny[0], dtype), device)
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
     check_consistency(model, tokenizer, eps, TOL[dtype])
     # free sampling too, with the fewshot prompt (long prompt) and the turn budget
     cfg = sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, top_k=50, fewshot=True)
-    free = sampler.sample_episodes(model, tokenizer, Q, tools, 3, cfg, generator=torch.Generator().manual_seed(3))
+    free = sampler.sample_episodes(model, tokenizer, Q, tools, 3, cfg, generator=torch.Generator(device=device).manual_seed(3))
     assert {e.end_reason for e in free} <= {"budget", "no_action", "answer", "tool", "tool_limit"}
     check_consistency(model, tokenizer, free, TOL[dtype])
 
@@ -91,11 +92,12 @@ def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()
     msgs = tool_env.initial_messages(row["question"], tools)
     ids = sampler.prompt_ids(tokenizer, msgs)
     force, n_sampled = list(force), 0
+    device = next(model.parameters()).device
     while True:
         start = len(ids)
         while True:
             with torch.no_grad():
-                nxt = int(model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
+                nxt = int(model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1].argmax())
             if n_sampled < len(force):
                 nxt = force[n_sampled]
             n_sampled += 1
@@ -114,12 +116,12 @@ def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype):
+def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype, device):
     """The batched sampler (shared prefill, padding, holes, growing cache, compaction)
     gives the same tokens as a plain full-recompute sampler, one episode at a time.
     In bf16 too: the rounding differs between the two, but measured on this model no
     argmax is close enough to a tie to flip (all 4 episodes identical)."""
-    model = in_dtype(tiny[0], dtype)
+    model = on(in_dtype(tiny[0], dtype), device)
     queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
     # scripts end 3 tokens early, then greedy decoding takes over; one episode is all greedy
     force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
@@ -128,14 +130,6 @@ def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype):
     assert any(e.num_turns == 2 for e in batched)
     for i, ep in enumerate(batched):
         assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
-
-
-def test_shared_prefix_len():
-    a, b = list(range(40)), list(range(30)) + [99] * 5
-    assert sampler.shared_prefix_len([a, b]) == 30
-    assert sampler.shared_prefix_len([a, a[:20]]) == 19  # one token at least left to each prompt
-    assert sampler.shared_prefix_len([a]) == 0  # one prompt: nothing to share
-    assert sampler.shared_prefix_len([a, [7] + a]) == 0 and sampler.shared_prefix_len([a[:10], a[:12]]) == 0  # too short
 
 
 def test_top_k_sampling_stays_in_the_top_k():
@@ -150,8 +144,16 @@ def test_top_k_sampling_stays_in_the_top_k():
 # ------------------------------------------------------------------ the real embedded model
 
 
-def test_real_model_logprob_consistency(tokenizer, tools):
-    model, _ = models.load_model("smollm2-135m", "cpu")
+def test_shared_prefix_len():
+    a, b = list(range(40)), list(range(30)) + [99] * 5
+    assert sampler.shared_prefix_len([a, b]) == 30
+    assert sampler.shared_prefix_len([a, a[:20]]) == 19  # one token at least left to each prompt
+    assert sampler.shared_prefix_len([a]) == 0  # one prompt: nothing to share
+    assert sampler.shared_prefix_len([a, [7] + a]) == 0 and sampler.shared_prefix_len([a[:10], a[:12]]) == 0  # too short
+
+
+def test_real_model_logprob_consistency(tokenizer, tools, device):
+    model, _ = models.load_model("smollm2-135m", device)
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "Egypt", "highest point Egypt", None])
     assert eps[0].num_turns == 2
     check_consistency(model, tokenizer, eps)

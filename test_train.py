@@ -20,10 +20,10 @@ import train
 from conftest import in_dtype, run_scripted, run_update, two_groups
 
 
-def train_args(tiny_path, out, steps, extra=()):
+def train_args(tiny_path, out, steps, extra=(), device="cpu"):
     return ["--model", tiny_path, "--steps", str(steps), "--questions-per-step", "2", "--group-size", "2",
             "--max-turn-tokens", "12", "--output-dir", str(out), "--save-every", "1", "--lr", "1e-3",
-            "--device", "cpu", "--eval-every", "2", "--eval-questions", "2", *extra]
+            "--device", device, "--eval-every", "2", "--eval-questions", "2", *extra]
 
 
 def read_log(out):
@@ -237,11 +237,11 @@ def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()  # tied weights stay tied
 
 
-def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkeypatch):
+def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkeypatch, device):
     _, path = tiny
     monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     out = tmp_path / "bf16"
-    assert train.main(train_args(path, out, 2, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0"])) == 0
+    assert train.main(train_args(path, out, 2, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0"], device)) == 0
     assert json.loads((out / "config.json").read_text())["resolved_precision"] == "bf16"
     from transformers import AutoModelForCausalLM
 
@@ -255,7 +255,7 @@ def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkey
     assert float((w - w0).abs().max()) < 4 * 1e-6 * 1.1
     assert float((w.to(torch.bfloat16).float() != w).float().mean()) > 0.9  # not a bf16 model's weights
     # resume continues from the float32 master weights
-    assert train.main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"])) == 0
+    assert train.main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"], device)) == 0
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # step 0: the probe of the initial policy
 
 
@@ -345,10 +345,10 @@ def test_questions_for_step_is_a_seeded_permutation():
 # ------------------------------------------------------------------ the real embedded model
 
 
-def test_real_model_end_to_end_one_step(tmp_path):
+def test_real_model_end_to_end_one_step(tmp_path, device):
     out = tmp_path / "run"
     args = ["--steps", "1", "--group-size", "2", "--questions-per-step", "2", "--max-turn-tokens", "32",
-            "--output-dir", str(out), "--device", "cpu", "--fewshot", "--eval-every", "0"]
+            "--output-dir", str(out), "--device", device, "--fewshot", "--eval-every", "0"]
     assert train.main(args) == 0
     start, rec = read_log(out)
     for key in ("R_T", "R_O", "exact_match", "format", "tool_call_rate", "tool_success", "clip_frac", "kl",
@@ -369,6 +369,11 @@ def test_real_model_end_to_end_one_step(tmp_path):
     else:
         assert rec["logp_diff_max"] is None
     assert os.path.exists(out / "checkpoint" / "model.safetensors")
+    # on a GPU the step's peak memory, per phase, for memory_plan.py to be read against
+    cuda = device.startswith("cuda")
+    assert ("memory_sample_gib" in rec) == ("memory_update_gib" in rec) == cuda
+    if cuda:
+        assert 0 < rec["memory_sample_gib"] < 80 and 0 < rec["memory_update_gib"] < 80
 
 
 def test_help_shows_every_default(capsys):

@@ -362,6 +362,17 @@ def reduce_update_stats(stats: dict, tokens: float) -> dict:
     return out
 
 
+def cuda_peak_gib(device) -> float | None:
+    """The most memory this process's CUDA allocator held since the last call (GiB), then
+    a fresh count; None off CUDA. Logged as memory_sample_gib and memory_update_gib, the
+    peaks of the two phases that memory_plan.py simulates (rank 0's under torchrun)."""
+    if not str(device).startswith("cuda"):
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     """AdamW as in the paper (betas 0.9, 0.99, no weight decay) over the float32 master
     weights (precision.MasterWeights.params). fused=True updates each tensor in one
@@ -587,12 +598,14 @@ def main(argv=None) -> int:
                disable=rank > 0)
     for step in bar:
         t0 = time.time()
+        cuda_peak_gib(device)  # the step's own peaks from here
         rows = [train_rows[i] for i in questions_for_step(len(train_rows), step, args.questions_per_step, args.seed)]
         rows = rows[rank::n_proc]  # this process's share; a question's G rollouts stay together
         model.eval()
         with whole_model():
             episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
         t1 = time.time()
+        memory = {"memory_sample_gib": cuda_peak_gib(device)}
         sampler.score_episodes(episodes)
         advantages = sampler.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
@@ -600,11 +613,13 @@ def main(argv=None) -> int:
         upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
                      tokenizer.pad_token_id, ref_model)
         t3 = time.time()
+        memory["memory_update_gib"] = cuda_peak_gib(device)
         if n_proc > 1:  # the log describes the whole step: every process's episodes
             pairs = [pair for part in gather(list(zip(episodes, advantages))) for pair in part]
             episodes, advantages = [e for e, _ in pairs], [a for _, a in pairs]
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
-               "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2}
+               "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2,
+               **({k: v for k, v in memory.items() if v is not None})}
         eval_now = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
         with whole_model(probe_rows or eval_now):
             if the_probe:  # how far this update moved the policy, on fixed contexts (probe.py)
