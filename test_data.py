@@ -1,5 +1,6 @@
 """Tests of data.py: the embedded Factbook task and the TriviaQA code path."""
 
+import hashlib
 import json
 import os
 import re
@@ -103,24 +104,32 @@ def _all_rows(factbook):
     return [r for ds in factbook[0].values() for r in ds]
 
 
-def test_no_alias_is_a_fragment(factbook):
-    """Splitting on parentheses, commas and slashes must not leave pieces:
-    'merlion (mythical half-lion', 'and book', 'on Viti Levu', 'Lefkosia/Lefkosa'."""
-    for r in _all_rows(factbook):
+def _assert_no_fragments(rows):
+    for r in rows:
         for a in r["answer"]["aliases"]:
             assert a.count("(") == a.count(")") and a.count('"') % 2 == 0, (r["question"], a)
             assert not re.match(r"(and|or|on|of|located|in)\b", a), (r["question"], a)
             assert "/" not in a and a == a.strip(" ,;.“”"), (r["question"], a)
 
 
-def test_no_alias_can_be_guessed_from_the_question(factbook):
-    """No alias is a generic word ('Assembly', 'Hymn', 'city', 'commercial capital')
-    or words of the question ('Djibouti' for its capital, 'National Anthem of Spain')."""
-    for r in _all_rows(factbook):
+def test_no_alias_is_a_fragment(factbook):
+    """Splitting on parentheses, commas and slashes must not leave pieces:
+    'merlion (mythical half-lion', 'and book', 'on Viti Levu', 'Lefkosia/Lefkosa'."""
+    _assert_no_fragments(_all_rows(factbook))
+
+
+def _assert_not_guessable(rows):
+    for r in rows:
         q = f" {normalize_answer(r['question'])} "
         for a in r["answer"]["aliases"]:
             assert normalize_answer(a) not in data.GENERIC_ALIASES, (r["question"], a)
             assert f" {normalize_answer(a)} " not in q, (r["question"], a)
+
+
+def test_no_alias_can_be_guessed_from_the_question(factbook):
+    """No alias is a generic word ('Assembly', 'Hymn', 'city', 'commercial capital')
+    or words of the question ('Djibouti' for its capital, 'National Anthem of Spain')."""
+    _assert_not_guessable(_all_rows(factbook))
 
 
 @pytest.mark.parametrize("alias, country, guessable", [
@@ -176,6 +185,148 @@ def test_questions_with_several_right_answers_are_dropped(factbook):
     assert "factbook-by-urban_area" in ids  # the country's other questions stay
 
 
+def _digest(rows):
+    return hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()).hexdigest()
+
+
+def test_the_one_hop_task_is_unchanged():
+    """The builder's output is byte for byte the one that FACTBOOK_VERSION 3 caches
+    (adding the two-hop task changed nothing in it); a change must bump the version."""
+    passages, questions = data.build_factbook()
+    assert data.FACTBOOK_VERSION == 3
+    assert _digest(questions) == "5ca7dc8c3107e916002c5f7766b2e7ccd0e428073c6e3c7553e563f2f2fb9183"
+    assert _digest(passages) == "bfa129d58bb8cac07331404e8d97feeff952e81c5d80b563e229b576e2d1fa55"
+
+
+# ----------------------------------------------------------------------------------
+# The two-hop task: the same scans, for both hops
+
+
+@pytest.fixture(scope="module")
+def two_hop():
+    return {s: data.load_task("factbook-2hop", s) for s in data.SPLITS}
+
+
+def _two_hop_rows(two_hop):
+    return [r for ds in two_hop.values() for r in ds]
+
+
+def test_two_hop_schema_and_size(two_hop, factbook):
+    for ds in two_hop.values():
+        assert set(ds.column_names) == {"question_id", "question", "answer", "source", "bridge", "hop_sources"}
+        assert set(ds[0]["bridge"]) == {"value", "aliases"}
+    sizes = {s: len(ds) for s, ds in two_hop.items()}
+    assert 400 <= sum(sizes.values()) <= 800 and sizes["validation"] >= 40 and sizes["test"] >= 40
+    rows = _two_hop_rows(two_hop)
+    ids = [r["question_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and all(re.match(r"factbook2-[a-z]{2}-[a-z_]+-[a-z_]+$", i) for i in ids)
+    per_bridge = Counter(i.split("-")[1] for i in ids)
+    assert max(per_bridge.values()) <= data.TWO_HOP_PER_BRIDGE and len(per_bridge) >= 150
+    assert "ja" not in per_bridge  # Japan is the demonstration's bridge
+    pairs = Counter(tuple(i.split("-")[2:]) for i in ids)
+    assert len(pairs) >= 15 and {k for k, _ in pairs} == set(data.FIRST_HOPS)  # spread over template pairs
+    for r in rows:
+        kind1, kind2 = r["question_id"].split("-")[2:]
+        assert kind1 in data.FIRST_HOPS and kind2 in data.SECOND_HOPS and kind1 != kind2
+        assert r["hop_sources"][1] == r["source"] and r["hop_sources"][0] != r["source"]
+        assert r["answer"]["normalized_aliases"] == sorted({normalize_answer(a) for a in r["answer"]["aliases"]})
+
+
+def test_two_hop_rows_reuse_the_one_hop_questions(two_hop, factbook):
+    """Both hops are cleaned one-hop questions of the bridge country: the first hop's
+    value is its one-hop answer, the answer's aliases are among its one-hop aliases."""
+    one = {r["question_id"]: r for r in _all_rows(factbook)}
+    for r in _two_hop_rows(two_hop):
+        _, code, kind1, kind2 = r["question_id"].split("-")
+        assert data.first_hop(r) == (kind1, one[f"factbook-{code}-{kind1}"]["answer"]["value"])
+        assert set(r["answer"]["aliases"]) <= set(one[f"factbook-{code}-{kind2}"]["answer"]["aliases"])
+        assert r["hop_sources"] == [one[f"factbook-{code}-{k}"]["source"] for k in (kind1, kind2)]
+        assert r["bridge"]["value"] == r["source"].split(" - ")[0]
+
+
+def test_two_hop_splits_are_the_one_hop_splits_by_country(two_hop, factbook):
+    one = {s: {q.split("-")[1] for q in ds["question_id"]} for s, ds in factbook[0].items()}
+    two = {s: {q.split("-")[1] for q in ds["question_id"]} for s, ds in two_hop.items()}
+    for s in data.SPLITS:
+        assert two[s] <= one[s]  # the bridge's split is the question's
+    assert not two["train"] & (two["validation"] | two["test"]) and not two["validation"] & two["test"]
+    names = {s: {r["bridge"]["value"] for r in ds} for s, ds in two_hop.items()}
+    assert not names["train"] & (names["validation"] | names["test"])
+
+
+def test_two_hop_answers_and_first_hop_values_are_in_their_passages(two_hop, factbook):
+    by_title = {p["title"]: p["text"] for p in factbook[1]}
+    for r in _two_hop_rows(two_hop):
+        assert contains_alias(by_title[r["hop_sources"][1]], r["answer"]["aliases"]), r
+        assert contains_alias(by_title[r["hop_sources"][0]], [data.first_hop(r)[1]]), r
+
+
+def test_two_hop_aliases_are_no_fragments_and_not_guessable(two_hop):
+    rows = _two_hop_rows(two_hop)
+    _assert_no_fragments(rows)
+    _assert_not_guessable(rows)
+    for r in rows:
+        kind2 = r["question_id"].split("-")[3]
+        assert not any(data._guessable(a, r["question"], kind2, r["bridge"]["value"]) for a in r["answer"]["aliases"])
+
+
+def test_the_bridge_is_the_only_country_with_its_first_hop_value(two_hop, factbook):
+    """No other country has the first-hop value as an alias of the same template, or in
+    its passage of the same field; and the bridge's aliases name no other country (a
+    passage about "Equatorial Guinea" must not count as finding Guinea)."""
+    owners = {}  # (template, normalized alias) -> the countries that have it
+    for q in _all_rows(factbook):
+        _, code, kind = q["question_id"].split("-")
+        for a in q["answer"]["normalized_aliases"]:
+            owners.setdefault((kind, a), set()).add(code)
+    first_fields = {s.split(" - ", 1)[1] for r in _two_hop_rows(two_hop) for s in r["hop_sources"][:1]}
+    fields = {}  # field -> [(title, normalized text)]
+    for p in factbook[1]:
+        if p["title"].split(" - ", 1)[-1] in first_fields:
+            fields.setdefault(p["title"].split(" - ", 1)[1], []).append((p["title"], f" {normalize_answer(p['text'])} "))
+    names = data._country_names(factbook[1])
+    for r in _two_hop_rows(two_hop):
+        kind1, value = data.first_hop(r)
+        code, country = r["question_id"].split("-")[1], r["bridge"]["value"]
+        v = normalize_answer(value)
+        assert owners[kind1, v] == {code}, r
+        assert [t for t, text in fields[r["hop_sources"][0].split(" - ", 1)[1]] if f" {v} " in text] == [r["hop_sources"][0]], r
+        assert country in r["bridge"]["aliases"] and set(r["bridge"]["aliases"]) <= set(names[country])
+    norm = {c: [f" {normalize_answer(n)} " for n in ns] for c, ns in names.items()}
+    for country, aliases in {r["bridge"]["value"]: r["bridge"]["aliases"] for r in _two_hop_rows(two_hop)}.items():
+        for a in map(normalize_answer, aliases):
+            assert not any(f" {a} " in n for c, ns in norm.items() if c != country for n in ns), (country, a)
+
+
+def test_two_hop_questions_do_not_name_the_bridge(two_hop):
+    for r in _two_hop_rows(two_hop):
+        assert not contains_alias(r["question"], r["bridge"]["aliases"]), r
+        assert not data._names_country(data.first_hop(r)[1], r["bridge"]["aliases"]), r
+
+
+@pytest.mark.parametrize("value, aliases, names", [
+    ("Mount Kenya", ["Kenya", "Republic of Kenya"], True), ("La Tchadienne", ["Chad"], True),
+    ("Kyrgyz Respublikasynyn Mamlekettik Gimni", ["Kyrgyzstan", "Kyrgyz Republic"], True),
+    ("Hellenic Parliament", ["Greece", "Hellenic Republic"], True), ("UK Parliament", ["United Kingdom"], True),
+    ("Mount Catherine", ["Egypt", "Arab Republic of Egypt"], False), ("Knesset", ["Israel", "State of Israel"], False),
+    ("Republic Assembly", ["Kenya", "Republic of Kenya"], False),  # "Republic" names no country
+])
+def test_names_country(value, aliases, names):
+    assert data._names_country(value, aliases) is names
+
+
+def test_two_hop_example_and_determinism(two_hop, factbook):
+    rows = {r["question_id"]: r for r in _two_hop_rows(two_hop)}
+    r = rows["factbook2-bb-highest_point-currency"]
+    assert r["question"] == "What is the currency of the country whose highest point is Mount Hillaby?"
+    assert r["answer"]["aliases"] == ["Barbadian dollar", "Barbadian dollars", "BBD"]
+    assert r["bridge"] == {"value": "Barbados", "aliases": ["Barbados"]}
+    assert r["hop_sources"] == ["Barbados - Geography - Elevation", "Barbados - Economy - Exchange rates"]
+    # the cache holds what the builder gives now (a change must bump FACTBOOK_2HOP_VERSION)
+    built = data.build_two_hop(factbook[1], data._read_jsonl(data._factbook_cache() / "questions.jsonl"))
+    assert built == data._read_jsonl(data._factbook_2hop_cache())
+
+
 def test_triviaqa_local_fixture():
     train = data.load_task(f"triviaqa:{FIXTURE}", "train")
     assert len(train) == 3
@@ -222,6 +373,7 @@ def test_triviaqa_unreachable_says_how_to_provide_it(tmp_path):
 
 def test_default_corpus():
     assert corpus.default_corpus("factbook") == "factbook"
+    assert corpus.default_corpus("factbook-2hop") == "factbook"
     assert corpus.default_corpus("triviaqa", "c.jsonl") == "c.jsonl"
     with pytest.raises(ValueError, match="task 'triviaqa' needs --corpus PATH"):
         corpus.default_corpus("triviaqa")

@@ -6,6 +6,8 @@ from conftest import chat
 from rewards import (
     _format_score,
     _xml_score,
+    answer_found,
+    bridge_found,
     contains_answer_reward,
     exact_match,
     format_reward,
@@ -15,6 +17,7 @@ from rewards import (
     tool_execution_reward,
     turn_reward,
     turn_rewards,
+    two_hop_turn_rewards,
     xml_reward,
 )
 from tool_env import final_answer
@@ -217,3 +220,61 @@ def test_xml_counts_missing_required_tags():
     assert _xml_score("<reasoning>r</reasoning>") == pytest.approx(0.5)  # no action: answer missing
     assert _xml_score("<reasoning>r</reasoning><tool>{}</tool><answer>x</answer>") == 1.0  # all used once
     assert _xml_score(answer("x")) == 1.0
+
+
+# ---------------------------------------------------------------------------------
+# The two-hop task's turn rewards
+
+ROW_2HOP = {"answer": {"aliases": ["Barbadian dollar", "Barbadian dollars", "BBD"]},
+            "bridge": {"value": "Barbados", "aliases": ["Barbados"]}}
+HOP1 = "<result>\nBarbados - Geography - Elevation\nhighest point: Mount Hillaby 340 m\n</result>"
+HOP1_WRONG = "<result>\nJamaica - Geography - Elevation\nhighest point: Blue Mountain Peak 2,256 m\n</result>"
+HOP2 = "<result>\nBarbados - Economy - Exchange rates\nCurrency: Barbadian dollars (BBD) per US dollar -\n</result>"
+# the answer is there, but only in the second passage
+HOP2_SECOND = ("<result>\nBarbados - Government - Capital\nname: Bridgetown\n\n"
+               "Barbados - Economy - Exchange rates\nCurrency: Barbadian dollars (BBD) per US dollar -\n</result>")
+
+
+def two_hop(*turns):
+    return chat(*turns, question="What is the currency of the country whose highest point is Mount Hillaby?")
+
+
+def _result(message):
+    return message.removeprefix("<result>\n").removesuffix("\n</result>")
+
+
+def test_bridge_found_and_answer_found_read_one_result():
+    assert bridge_found(_result(HOP1), ROW_2HOP) == 1.0  # the title names the bridge
+    assert bridge_found(_result(HOP1_WRONG), ROW_2HOP) == 0.0
+    assert bridge_found("Error: Barbados", ROW_2HOP) == 0.0  # a failed call finds nothing
+    assert bridge_found(_result(HOP2_SECOND).replace("Barbados - Government", "Jamaica - Government"), ROW_2HOP) == 0.0
+    assert answer_found(_result(HOP2), ROW_2HOP) == 1.0 and answer_found(_result(HOP1), ROW_2HOP) == 0.0
+    assert answer_found(_result(HOP2_SECOND), ROW_2HOP) == 0.0  # the first passage only
+    assert answer_found("Error: Barbadian dollar", ROW_2HOP) == 0.0
+
+
+def test_two_hop_turn_rewards():
+    # both hops found: [0.2 + 0.5, 0.2 + 0.5]
+    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP2, answer("Barbadian dollar")), ROW_2HOP)
+    assert r == pytest.approx([0.7, 0.7])
+    assert parts == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 1.0}
+    # the wrong country, then its currency: search 1 ran but found no bridge; search 2 ran
+    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1_WRONG, CALL, HOP2_SECOND, answer("x")), ROW_2HOP)
+    assert r == pytest.approx([0.2, 0.2]) and parts["bridge_found"] == 0.0 and parts["search_has_answer"] == 0.0
+    # one search that found the bridge, then an answer: one tool turn
+    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1, answer("BBD")), ROW_2HOP)
+    assert r == pytest.approx([0.7]) and parts == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 0.0}
+    # the answer in search 1's result pays hop 1 nothing beyond the bridge (its title names Barbados)
+    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP2, answer("BBD")), ROW_2HOP)
+    assert r == pytest.approx([0.7])
+    # a failed first call, then the bridge: hop 2's score is the answer's, not the bridge's
+    r, parts = two_hop_turn_rewards(two_hop(CALL, ERROR_RESULT, CALL, HOP1, answer("x")), ROW_2HOP)
+    assert r == pytest.approx([0.0, 0.2]) and parts["tool_execution"] == 0.5
+    # no call; weights override
+    assert two_hop_turn_rewards(two_hop(answer("BBD")), ROW_2HOP) == ([], {"tool_execution": 0.0, "bridge_found": 0.0,
+                                                                          "search_has_answer": 0.0})
+    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP2), ROW_2HOP, {"bridge_found": 1.0, "tool_execution": 0.0})
+    assert r == pytest.approx([1.0, 0.5])
+    # a third search is scored as hop 2 (a retry of it)
+    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP1, CALL, HOP2), ROW_2HOP)
+    assert r == pytest.approx([0.7, 0.2, 0.7])

@@ -273,3 +273,24 @@ def test_fewshot_demo_result_does_not_count_against_the_limit(tools):
     assert not step.done and step.reason == "tool"
     msgs += [step.message, {"role": "assistant", "content": good_call("again")}]
     assert env_step(msgs, tools).reason == "tool_limit"
+
+
+def test_two_hop_demonstration_shows_two_real_searches():
+    """FEWSHOT_2HOP: two well-formed calls, each followed by what the real tool returns for
+    its query over the Factbook corpus, then a plain-name answer; in FEWSHOT's style."""
+    import corpus
+
+    search = tool_env.make_tools(corpus.load_corpus("factbook"))["wiki_search"]
+    demo = tool_env.FEWSHOT_2HOP
+    assert [m["role"] for m in demo] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    for call, result in ((demo[1], demo[2]), (demo[3], demo[4])):
+        name, args = parse_tool_call(call["content"])
+        assert name == "wiki_search" and set(args) == {"query"}
+        assert result["content"] == f"{tool_env.RESULT_OPEN}\n{search(**args)}\n{tool_env.RESULT_CLOSE}"
+    assert demo[2]["content"].startswith("<result>\nJapan - Geography - Elevation\n")  # search 1 finds the bridge
+    assert "Japan" in demo[3]["content"] and demo[-1]["content"].endswith("<answer>Biwa-ko</answer>")
+    assert all(m["content"].startswith("<reasoning>") for m in demo if m["role"] == "assistant")
+    # initial_messages takes it; the default is still the one-search demonstration
+    msgs = tool_env.initial_messages("Q?", {"wiki_search": search}, fewshot=True, demo=demo)
+    assert msgs[1:-1] == demo and msgs[-1]["content"] == "Question: Q?"
+    assert tool_env.initial_messages("Q?", {}, fewshot=True)[1:-1] == tool_env.FEWSHOT == tool_env.DEMOS["one-hop"]

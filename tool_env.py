@@ -219,11 +219,41 @@ FEWSHOT = [
 ]
 
 
-def initial_messages(question: str, tools: dict[str, Callable], fewshot: bool = False) -> list[dict]:
-    """The conversation before the first assistant turn."""
+# The demonstration of the two-hop task (data.build_two_hop): two searches, the first for
+# the country (Japan, which is no bridge of the task), the second about it; same style as
+# FEWSHOT, each result what the tool really returns for its query (test_tool_env checks).
+FEWSHOT_2HOP = [
+    {"role": "user", "content": f"{QUESTION_PREFIX} What is the largest lake of the country whose highest point is Mount Fuji?"},
+    {
+        "role": "assistant",
+        "content": "<reasoning>I should first find the country whose highest point is Mount Fuji.</reasoning>\n"
+        '<tool>{"name": "wiki_search", "args": {"query": "highest point Mount Fuji"}}</tool>',
+    },
+    {
+        "role": "user",
+        "content": f"{RESULT_OPEN}\nJapan - Geography - Elevation\nhighest point: Mount Fuji 3,776 m; lowest point: "
+        f"Hachiro-gata -4 m; mean elevation: 438 m\n{RESULT_CLOSE}",
+    },
+    {
+        "role": "assistant",
+        "content": "<reasoning>The result says the country is Japan. I should look up the major lakes of Japan.</reasoning>\n"
+        '<tool>{"name": "wiki_search", "args": {"query": "Japan major lakes"}}</tool>',
+    },
+    FEWSHOT[2],  # the result of "Japan major lakes"
+    FEWSHOT[3],  # "The result says the largest lake is Biwa-ko." <answer>Biwa-ko</answer>
+]
+
+# The demonstrations by name (sampler.RolloutConfig.demo)
+DEMOS = {"one-hop": FEWSHOT, "two-hop": FEWSHOT_2HOP}
+
+
+def initial_messages(question: str, tools: dict[str, Callable], fewshot: bool = False,
+                     demo: list[dict] | None = None) -> list[dict]:
+    """The conversation before the first assistant turn; with `fewshot`, the
+    demonstration `demo` (default FEWSHOT, one search) before the question."""
     msgs = [{"role": "system", "content": system_prompt(tools)}]
     if fewshot:
-        msgs += FEWSHOT
+        msgs += FEWSHOT if demo is None else demo
     msgs.append({"role": "user", "content": f"{QUESTION_PREFIX} {question}"})
     return msgs
 

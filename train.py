@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.DefaultsHelp)
     a = p.add_argument
     a("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder or a Hugging Face id")
-    a("--task", default="factbook", help="'factbook', 'triviaqa' or 'triviaqa:PATH'")
+    a("--task", default="factbook", help="'factbook', 'factbook-2hop', 'triviaqa' or 'triviaqa:PATH'")
     a("--corpus", default=None, help="'factbook', a JSONL of {title, text}, or a corpus.py --prepare folder")
     a("--method", default="mt-grpo", choices=mtgrpo.METHODS)
     a("--steps", type=int, default=20)
