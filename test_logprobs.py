@@ -98,8 +98,9 @@ def test_shared_prefix_update_equals_full_sequences(tiny, tokenizer, device):
     assert max(float(g.abs().max()) for g in g_full) > 1e-4  # a real gradient
     assert full["grad_norm"] > 0.1  # ... that clipping at the default 0.1 would have rescaled
     assert shared["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    scale = max(float(g.abs().max()) for g in g_full)  # unclipped: float32 rounding grows with the gradient
     for a, b in zip(g_full, g_shared):
-        torch.testing.assert_close(b, a, atol=1e-8, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=1e-6 * scale, rtol=1e-4)
 
 
 def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny, device):
