@@ -152,12 +152,17 @@ def sampled_tokens(s: Settings) -> int:
     return (s.max_tool_calls + 1) * s.max_turn_tokens
 
 
-def allocated_slots(prompt: int, total: int) -> int:
-    """Cache slots the sampler's buffer holds for `total` filled ones: it starts at the
-    prompt (at least 64) and doubles when full (sampler._growing_cache)."""
-    cap = max(prompt, 64)
+def allocated_slots(prompt: int, total: int, shared: int = 0) -> int:
+    """Cache slots the sampler's buffer holds for `total` filled ones
+    (sampler._growing_cache): a fill beyond the capacity grows it to max(need, twice
+    the capacity, 64). The sampler first fills the prefix all prompts share (`shared`,
+    sampler.shared_prefix_len; 0: none), then the prompts, then a token at a time."""
+    cap = 0
+    for need in ([shared] if shared else []) + [prompt]:
+        if need > cap:
+            cap = max(need, 2 * cap, 64)
     while cap < total:
-        cap *= 2
+        cap = max(2 * cap, 64)
     return cap
 
 

@@ -156,7 +156,8 @@ def test_kv_cache_slots_match_the_sampler(tiny, tokenizer, tools, monkeypatch):
     filled, capacity = seen[-1]
     s = mp.Settings(prompt_tokens=prompt, max_turn_tokens=48, max_tool_calls=1, result_tokens=result + 1)
     assert filled <= mp.episode_tokens(s)
-    assert capacity == mp.allocated_slots(prompt, filled) > filled
+    shared = sampler.shared_prefix_len([e.token_ids[: e.prompt_len] for e in eps[::2]])  # one per question
+    assert shared > 0 and capacity == mp.allocated_slots(prompt, filled, shared) > filled
 
 
 def test_the_commands_defaults_are_train_pys():

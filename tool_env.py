@@ -239,8 +239,10 @@ FEWSHOT_2HOP = [
         "content": "<reasoning>The result says the country is Japan. I should look up the major lakes of Japan.</reasoning>\n"
         '<tool>{"name": "wiki_search", "args": {"query": "Japan major lakes"}}</tool>',
     },
-    FEWSHOT[2],  # the result of "Japan major lakes"
-    FEWSHOT[3],  # "The result says the largest lake is Biwa-ko." <answer>Biwa-ko</answer>
+    {"role": "user",
+     "content": f"{RESULT_OPEN}\nJapan - Geography - Major lakes (area sq km)\nfresh water lake(s): Biwa-ko 688 sq km\n{RESULT_CLOSE}"},
+    {"role": "assistant",
+     "content": "<reasoning>The result says the largest lake is Biwa-ko.</reasoning>\n<answer>Biwa-ko</answer>"},
 ]
 
 # The demonstrations by name (sampler.RolloutConfig.demo)
