@@ -92,9 +92,7 @@ def probe_logprobs(model, probe: Probe) -> torch.Tensor:
     """log pi(. | context) at every probe position, (positions, V) float32 on the CPU,
     in the order of probe.positions. The contexts' common prefix is forwarded once."""
     device = next(model.parameters()).device
-    common = 0
-    while all(len(s) > common + 1 and s[common] == probe.ids[0][common] for s in probe.ids):
-        common += 1
+    common = sampler.shared_prefix_len(probe.ids, min_len=1)
     common = min(common, min(p[0] for p in probe.positions))  # every read position lies after the prefix
     prefix = logprobs.Prefix(model, probe.ids[0][:common], device)
     rest = [s[common:] for s in probe.ids]
