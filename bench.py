@@ -39,19 +39,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-import corpus
 import data
 import logprobs
 import models
 import precision
 import sampler
-import tool_env
+import tasks
 import train
 
 
-def naive_sample(model, tok, rows, tools, G, max_turn_tokens, temperature, top_k, fewshot, max_tool_calls=1):
+def naive_sample(model, tok, rows, env, G, max_turn_tokens, temperature, top_k):
     """The reference's way: re-template and re-tokenize the conversation every turn."""
-    convs = [tool_env.initial_messages(r["question"], tools, fewshot) for r in rows for _ in range(G)]
+    convs = [env.initial_messages(r) for r in rows for _ in range(G)]
     active = list(range(len(convs)))
     sampled = 0
     eos = tok.eos_token_id
@@ -71,7 +70,7 @@ def naive_sample(model, tok, rows, tools, G, max_turn_tokens, temperature, top_k
             hit_stop = any(s in text for s in sampler.STOP_STRINGS)
             sampled += n + (0 if hit_stop or n == len(ids) else 1)
             convs[i].append({"role": "assistant", "content": text})
-            step = tool_env.env_step(convs[i], tools, max_tool_calls, truncated=n == len(ids) and not hit_stop)
+            step = env.step(convs[i], truncated=n == len(ids) and not hit_stop)
             if not step.done:
                 convs[i].append(step.message)
                 still.append(i)
@@ -136,23 +135,23 @@ def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> floa
     return statistics.median(times)
 
 
-def rl_step(model, master, tok, rows, tools, G, turn_tokens, seed, shared_prefix, device, ucfg):
+def rl_step(model, master, tok, rows, env, G, turn_tokens, seed, shared_prefix, device, ucfg):
     """One RL step as train.py takes it (sample, then mu optimizer steps), with random
     advantages so that every episode is trained whatever the rewards. lr is 0, so the
     weights (and the next repetition's rollouts) do not change. Returns the episodes,
     the phase times and the phase peaks."""
     reset_peak_memory(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    cfg = sampler.RolloutConfig(max_turn_tokens=turn_tokens, temperature=T, top_k=K, fewshot=True)
-    t_sample, eps = timed(lambda: sampler.sample_episodes(model, tok, rows, tools, G, cfg, generator=gen))
+    cfg = sampler.RolloutConfig(max_turn_tokens=turn_tokens, temperature=T, top_k=K)
+    t_sample, eps = timed(lambda: sampler.sample_episodes(model, tok, rows, env, G, cfg, generator=gen))
     peak_sample = peak_memory_mb(device)
     g = torch.Generator().manual_seed(seed)
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in eps]
     opt = train.make_optimizer(master.params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     reset_peak_memory(device)
-    t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, ucfg, cfg,
-                                               tok.pad_token_id, shared_prefix=shared_prefix))
+    t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, ucfg, tok.pad_token_id,
+                                               shared_prefix=shared_prefix))
     peak_update = peak_memory_mb(device)
     del opt, sched
     return eps, advs, {"sample_s": t_sample, "update_s": t_update, "step_s": t_sample + t_update,
@@ -204,9 +203,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ds = data.load_task("factbook", "train")
     rows = [ds[i] for i in range(args.questions)]
-    tools = tool_env.make_tools(corpus.load_corpus("factbook"))
+    env = tasks.build({"task": "factbook", "fewshot": True}).env
     G, L = args.group_size, args.max_turn_tokens
-    ucfg = train.UpdateConfig(mu=args.mu)
+    ucfg = train.UpdateConfig(mu=args.mu, temperature=T, max_sampled=L * (env.max_tool_calls + 1))
     base_model, tok = models.load_model(args.model, device)
     base = precision.MasterWeights(base_model, "fp32")
     ours_model = base_model if prec == "fp32" else models.load_model(args.model, device)[0]
@@ -223,9 +222,9 @@ def main(argv=None) -> int:
     # in float32. lr = 0 keeps the weights, so every repetition samples the same policy.
     runs = {"today_fp32": [], "ours": []}
     for rep in range(args.repeats):
-        _, _, r = rl_step(base_model, base, tok, rows, tools, G, L, rep, False, device, ucfg)
+        _, _, r = rl_step(base_model, base, tok, rows, env, G, L, rep, False, device, ucfg)
         runs["today_fp32"].append(r)
-        eps, advs, r = rl_step(ours_model, ours, tok, rows, tools, G, L, rep, True, device, ucfg)
+        eps, advs, r = rl_step(ours_model, ours, tok, rows, env, G, L, rep, True, device, ucfg)
         runs["ours"].append(r)
         print(f"rep {rep}: today's fp32 step {runs['today_fp32'][-1]['step_s']:.1f} s "
               f"(sample {runs['today_fp32'][-1]['sample_s']:.1f} + update {runs['today_fp32'][-1]['update_s']:.1f}), "
@@ -265,7 +264,7 @@ def main(argv=None) -> int:
     res["decode_step_ms"] = {str(r): decode_step_ms(ours_model, r) for r in (1, 4, 16)}
 
     if args.naive:
-        dt, (n, _) = timed(lambda: naive_sample(ours_model, tok, rows, tools, G, L, T, K, True))
+        dt, (n, _) = timed(lambda: naive_sample(ours_model, tok, rows, env, G, L, T, K))
         res["naive_sampler"] = {"s": dt, "tok_s": n / dt, "ours_tok_s": med("ours", "sampled_tokens") / med("ours", "sample_s")}
 
     trl = None if args.no_trl else run_trl(args, prec)

@@ -40,14 +40,13 @@ def main(argv=None) -> int:
     from trl import GRPOConfig, GRPOTrainer
 
     import mtgrpo
-    import tool_env
-    from corpus import load_corpus
+    import tasks
     from data import load_task
 
     path = models._embedded_path("smollm2-135m")
-    tools = tool_env.make_tools(load_corpus("factbook"))
+    env = tasks.build({"task": "factbook", "fewshot": True}).env  # the same prompt as bench.py's
     rows = load_task("factbook", "train")
-    prompts = [tool_env.initial_messages(rows[i]["question"], tools, fewshot=True) for i in range(args.questions)]
+    prompts = [env.initial_messages(rows[i]) for i in range(args.questions)]
     steps = args.mu * (1 + args.repeats)
     data = Dataset.from_list([{"prompt": prompts[j % len(prompts)]} for j in range(args.questions * (1 + args.repeats))])
     rng = random.Random(0)

@@ -16,17 +16,15 @@ import argparse
 import os
 import sys
 
-import corpus
 import evaluate
 import precision
 import sampler
 import tool_env
 
 
-def answer(model, tokenizer, question: str, tools: dict, rollout: sampler.RolloutConfig) -> sampler.Episode:
+def answer(model, tokenizer, question: str, env, rollout: sampler.RolloutConfig) -> sampler.Episode:
     """One episode for a question typed by the user (no gold answer: nothing is scored)."""
-    row = {"question_id": "user", "question": question, "answer": {"aliases": []}}
-    return sampler.sample_episodes(model, tokenizer, [row], tools, 1, rollout)[0]
+    return sampler.sample_episodes(model, tokenizer, [{"question_id": "user", "question": question}], env, 1, rollout)[0]
 
 
 def transcript(episode: sampler.Episode) -> str:
@@ -64,7 +62,7 @@ def questions(args):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.DefaultsHelp)
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', a model folder or HF id, or a train.py run")
-    p.add_argument("--task", default="factbook", help="whose corpus to search")
+    p.add_argument("--task", default=None, help="whose corpus to search (default: the run's, else factbook)")
     p.add_argument("--corpus", default=None, help="a JSONL of {title, text} passages")
     p.add_argument("--questions", default=None, help="a file with one question per line")
     p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
@@ -77,14 +75,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.questions and not os.path.isfile(args.questions):
         sys.exit(f"error: --questions {args.questions}: no such file")
-    try:
-        tools = tool_env.make_tools(corpus.load_corpus(corpus.default_corpus(args.task, args.corpus)))
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    config = evaluate.run_config(args.model, args)  # the run's own environment and rollout settings
+    env = evaluate.build_task(config).env
     model, tok = evaluate.load(args, args.model)
-    rollout = evaluate.rollout_config(args.model, args)
+    rollout = sampler.RolloutConfig.from_dict(config)
     for q in questions(args):
-        print(f"\nQuestion: {q}\n{transcript(answer(model, tok, q, tools, rollout))}", flush=True)
+        print(f"\nQuestion: {q}\n{transcript(answer(model, tok, q, env, rollout))}", flush=True)
     return 0
 
 

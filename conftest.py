@@ -13,9 +13,13 @@ import os
 import pytest
 import torch
 
+import dataclasses
+
 import models
 import precision
+import rewards
 import sampler
+import tasks
 import tool_env
 import train
 
@@ -73,6 +77,12 @@ def tools():
 
 
 @pytest.fixture(scope="module")
+def env(tools):
+    """The paper's environment over CORPUS: no demonstration, one tool call."""
+    return tool_env.ToolEnv(tools)
+
+
+@pytest.fixture(scope="module")
 def tokenizer():
     return models.load_model("smollm2-135m", "cpu")[1]
 
@@ -113,11 +123,12 @@ def scripted(tokenizer, query):
     return tokenizer.encode(turn1, add_special_tokens=False) + tokenizer.encode(turn2, add_special_tokens=False)
 
 
-def run_scripted(model, tokenizer, tools, queries, **kw):
+def run_scripted(model, tokenizer, tools, queries, max_tool_calls=1, demo=None):
     force = [scripted(tokenizer, q) if q else tokenizer.encode("<answer>x</answer>", add_special_tokens=False) for q in queries]
-    cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0, **kw)
+    cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)  # sampling needs one on its device
-    return sampler.sample_episodes(model, tokenizer, Q, tools, len(queries) // 2, cfg, generator=gen, force=force)
+    env = tool_env.ToolEnv(tools, demo, max_tool_calls)
+    return sampler.sample_episodes(model, tokenizer, Q, env, len(queries) // 2, cfg, generator=gen, force=force)
 
 
 def in_dtype(model, dtype):
@@ -136,7 +147,7 @@ def two_groups(generator, prompt_lens=(20, 25), group_size=3):
             n = 5 + 3 * r + q
             mask = [0] * plen + [1, 1, 0, 0] + [1] * (n - 4)
             ids = prompt + torch.randint(0, 1000, (n,), generator=generator).tolist()
-            episodes.append(sampler.Episode(f"q{q}", "q", [], ids, mask, mask, [0.0] * len(ids), []))
+            episodes.append(sampler.Episode({"question_id": f"q{q}", "question": "q"}, [], ids, mask, mask, [0.0] * len(ids)))
     advs = [torch.randn(len(e.token_ids), generator=generator) * torch.tensor(e.loss_mask, dtype=torch.float) for e in episodes]
     return episodes, advs
 
@@ -148,6 +159,30 @@ def run_update(model, episodes, advs, flags, pad_id, shared_prefix=True, ref_mod
     opt = torch.optim.SGD(master.params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     args = vars(train.parse_args(["--temperature", "1", *flags]))
-    out = train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args),
-                       sampler.RolloutConfig.from_dict(args), pad_id, ref_model, shared_prefix=shared_prefix)
+    out = train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args), pad_id, ref_model,
+                       shared_prefix=shared_prefix)
     return out, [p.grad.clone() for p in master.params]
+
+
+# ------------------------------------------------------------------ a reward a random tiny model earns
+
+
+def _sampled(ep):
+    return [t for t, m in zip(ep.token_ids, ep.loss_mask) if m]
+
+
+# The paper's rubric plus a deterministic reward that depends on the sampled tokens, so that
+# a random tiny model gets non-zero advantages and really updates (rewards.py is tested on
+# its own). It is handed to train.main as a plug-in (tasks.Task), not monkeypatched in.
+TEST_RUBRIC = rewards.Rubric(turn=rewards.PAPER_RUBRIC.turn, outcome=rewards.PAPER_RUBRIC.outcome + [
+    rewards.Reward("token_sum", 1.0, lambda ep, row: (sum(_sampled(ep)) % 97) / 96)])
+
+
+def task_for(argv) -> tasks.Task:
+    """The task train.py's flags `argv` name, scored by TEST_RUBRIC."""
+    return dataclasses.replace(tasks.build(vars(train.parse_args(argv))), rubric=TEST_RUBRIC)
+
+
+def train_main(argv) -> int:
+    """train.main(argv) with TEST_RUBRIC."""
+    return train.main(argv, task=task_for(argv))

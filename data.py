@@ -537,6 +537,20 @@ TRIVIAQA_HELP = (
 )
 
 
+def spread(n_rows: int, k: int) -> list[int]:
+    """k row indices spread evenly over n_rows (all if k >= n_rows). The factbook splits
+    are grouped by country, so the first k questions would cover only a few countries."""
+    if k >= n_rows:
+        return list(range(n_rows))
+    return [i * n_rows // k for i in range(k)]
+
+
+def spread_rows(rows, k: int) -> list[dict]:
+    """k rows spread evenly over `rows` (0: all): the held-out questions of a training
+    run's evaluations (--eval-questions), of evaluate.py and of the probe."""
+    return [rows[i] for i in spread(len(rows), k or len(rows))]
+
+
 def load_task(name: str, split: str):
     """A `datasets.Dataset` in TriviaQA's schema: question_id, question,
     answer {value, aliases, normalized_aliases}, and source (the document the answer

@@ -31,46 +31,41 @@ import sys
 
 import torch
 
-import corpus
 import data
 import models
 import mtgrpo
 import precision
 import sampler
+import tasks
 import tool_env
 
 METRICS = ("tool_call_rate", "tool_success", "search_has_answer", "exact_match", "contains_answer", "format")
 
 
-def evaluate(model, tokenizer, rows, tools, rollout: sampler.RolloutConfig, samples=1, batch_questions=8, seed=0):
-    """(metrics, episodes) over `rows`: means over all rollouts; greedy when samples
-    is 1, else `samples` rollouts per question sampled as `rollout` says. Rates are of
-    episodes; tool_success is over episodes that called the tool; the rest are the
-    reward components divided by their maximum (so all lie in [0, 1])."""
+def evaluate(model, tokenizer, rows, env, rubric, rollout: sampler.RolloutConfig, samples=1, batch_questions=8, seed=0):
+    """(metrics, episodes) over `rows` in environment `env`, scored by `rubric`: means over
+    all rollouts; greedy when samples is 1, else `samples` rollouts per question sampled
+    as `rollout` says. tool_call_rate is of episodes, tool_success over the episodes that
+    called the tool; the rest are the rubric's component scores (each in [0, 1]; a turn
+    reward's is its mean over the episode's tool turns)."""
     if samples == 1:
         rollout = rollout.greedy()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     episodes = []
     for i in range(0, len(rows), batch_questions):
-        episodes += sampler.sample_episodes(model, tokenizer, rows[i : i + batch_questions], tools, samples, rollout, gen)
-    sampler.score_episodes(episodes)
+        episodes += sampler.sample_episodes(model, tokenizer, rows[i : i + batch_questions], env, samples, rollout, gen)
+    for e in episodes:
+        rubric.score(e)
     n = len(episodes)
     call_rate, success = sampler.tool_use_rates(episodes)
-    metrics = {
-        "episodes": n,
-        "tool_call_rate": call_rate,
-        "tool_success": success,
-        "search_has_answer": sum(e.components["search_has_answer"] > 0 for e in episodes) / n,
-        "exact_match": sum(e.components["exact_match"] > 0 for e in episodes) / n,
-        "contains_answer": sum(e.components["contains_answer"] > 0 for e in episodes) / n,
-        "format": sum(e.components["format"] for e in episodes) / n,
-    }
+    metrics = {"episodes": n, "tool_call_rate": call_rate, "tool_success": success,
+               **{k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}}
     return metrics, episodes
 
 
 def trajectory_records(name: str, episodes: list[sampler.Episode]) -> list[dict]:
     """One JSON-able dict per rollout: the conversation, how it ended, its rewards."""
-    return [{"model": name, "question_id": e.question_id, "aliases": e.aliases, "messages": e.messages,
+    return [{"model": name, "question_id": e.question_id, "aliases": e.row.get("answer", {}).get("aliases"), "messages": e.messages,
              "end": e.end_reason, "R_T": e.turn_reward, "R_O": e.outcome_reward, **e.components} for e in episodes]
 
 
@@ -98,22 +93,34 @@ def resolve_model(name: str) -> str:
     return ck if os.path.isdir(ck) else name
 
 
-def rollout_config(name: str, args=None) -> sampler.RolloutConfig:
-    """How a model is sampled: a train.py run's own RolloutConfig (from its config.json),
-    else the defaults with the demonstration for the embedded model only; the flags
-    given on the command line (not None in `args`) override either."""
-    cfg = os.path.join(name, "config.json")
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            rollout = sampler.RolloutConfig.from_dict(json.load(f))
-    else:
-        rollout = sampler.RolloutConfig(fewshot=name in models.EMBEDDED)
-    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None}
-    return dataclasses.replace(rollout, **{f.name: given[f.name] for f in dataclasses.fields(rollout) if f.name in given})
+def run_config(name: str, args=None) -> dict:
+    """The settings a model is sampled and scored with: a train.py run's own (its
+    config.json: task, corpus, --search-chars, demonstration, tool-call limit, rollout
+    settings, held-out split and questions), else {"model": name}; the flags given on the
+    command line (not None in `args`) override either. tasks.build, sampler.RolloutConfig
+    and held_out read it."""
+    path = os.path.join(name, "config.json")
+    config = {"model": name}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and k != "model"}
+    return {**config, **given}
+
+
+def held_out(config: dict) -> tuple[str, list[dict]]:
+    """(split, rows) to evaluate on: --split and --limit, else the run's --eval-split and
+    --eval-questions, spread over the split as train.py spreads them (data.spread_rows)."""
+    split = config.get("split") or config.get("eval_split") or "validation"
+    limit = config["limit"] if config.get("limit") is not None else config.get("eval_questions", 64)
+    return split, data.spread_rows(data.load_task(config.get("task") or "factbook", split), limit)
 
 
 def print_table(results: dict[str, dict], echo: bool = True) -> str:
-    cols = ("episodes",) + METRICS
+    """One row per model: the METRICS it has, or (another rubric's) all its numbers."""
+    first = next(iter(results.values()))
+    cols = ("episodes",) + (tuple(c for c in METRICS if c in first)
+                            or tuple(k for k, v in first.items() if isinstance(v, float)))
     name_w = max(12, *(len(k) for k in results))
     lines = ["model".ljust(name_w) + "".join(f"{c:>18}" for c in cols)]
     for name, m in results.items():
@@ -169,7 +176,7 @@ def render(tokenizer, episode: sampler.Episode, adv: torch.Tensor, scale: float 
             if shown:
                 ansi.append(f"\x1b[90m{piece}\x1b[0m" if colour else piece)
             page.append(f'<span class="env">{html.escape(piece)}</span>')
-    head = (f"<p>question: {html.escape(episode.question)} | gold: {html.escape(', '.join(episode.aliases))} | "
+    head = (f"<p>question: {html.escape(episode.question)} | gold: {html.escape(', '.join(episode.row.get('answer', {}).get('aliases', [])))} | "
             f"R^T = {episode.turn_reward:.3f}, R^O = {episode.outcome_reward:.3f}, end: {episode.end_reason}</p>")
     doc = ("<!doctype html><meta charset='utf-8'><title>MT-GRPO rollout</title><style>"
            "body{font-family:monospace;white-space:pre-wrap;max-width:1000px}.env{color:#999}"
@@ -189,11 +196,22 @@ def load(args, name: str):
         sys.exit(f"error: {e}")
 
 
-def show(args, tools: dict, row: dict) -> int:
+def show(args) -> int:
+    config = run_config(args.model[0], args)
+    task = build_task(config)
+    split = args.split or "validation"
+    try:
+        rows = data.load_task(config.get("task") or "factbook", split)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if not 0 <= args.index < len(rows):
+        sys.exit(f"error: --index {args.index}: the {split} split has questions 0 to {len(rows) - 1}")
     model, tok = load(args, args.model[0])
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    eps = sampler.sample_episodes(model, tok, [row], tools, args.group_size, rollout_config(args.model[0], args), gen)
-    sampler.score_episodes(eps)
+    eps = sampler.sample_episodes(model, tok, [rows[args.index]], task.env, args.group_size,
+                                  sampler.RolloutConfig.from_dict(config), gen)
+    for e in eps:
+        task.rubric.score(e)
     advs = sampler.episode_advantages(eps, len(eps), args.method)
     # show the most informative rollout: the one with the most turns, then the largest |A|
     best = max(range(len(eps)), key=lambda r: (eps[r].num_turns, float(advs[r].abs().max())))
@@ -208,6 +226,13 @@ def show(args, tools: dict, row: dict) -> int:
         f.write(doc)
     print(f"wrote {out}")
     return 0
+
+
+def build_task(config: dict) -> tasks.Task:
+    try:
+        return tasks.build(config)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------------
@@ -231,19 +256,25 @@ class DefaultsHelp(argparse.HelpFormatter):
         return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
 
 
-def main(argv=None) -> int:
+def main(argv=None, rubric=None) -> int:
+    """Evaluate with the flags `argv` (default: the command line); `rubric`: your own
+    (rewards.Rubric) instead of the task's, for a run trained with one."""
     p = argparse.ArgumentParser(description="Evaluate agents on held-out questions, or show one rollout's credit assignment.",
                                 formatter_class=DefaultsHelp)
     p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="models or train.py run directories")
-    p.add_argument("--task", default="factbook")
+    # by default a run's own settings (its config.json), else the defaults below
+    p.add_argument("--task", default=None, help="default: the run's, else factbook")
     p.add_argument("--corpus", default=None)
-    p.add_argument("--split", default="validation", choices=data.SPLITS)
-    p.add_argument("--limit", type=int, default=64, help="first N questions of the split (0: all)")
+    p.add_argument("--split", default=None, choices=data.SPLITS, help="default: the run's --eval-split, else validation")
+    p.add_argument("--limit", type=int, default=None,
+                   help="N questions spread evenly over the split, as train.py spreads them (0: all; "
+                        "default: the run's --eval-questions, else 64)")
     p.add_argument("--samples", type=int, default=1,
                    help="rollouts per question: 1 is greedy, more are sampled at the run's temperature and top-k")
-    # the rollout settings: by default a run's own (its config.json), else sampler.RolloutConfig's
     p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
                    help="the one-shot demonstration (default: as the run was trained; on for the embedded model)")
+    p.add_argument("--search-chars", type=int, default=None, help="default: the run's, else 600")
+    p.add_argument("--max-tool-calls", type=int, default=None, help="default: the run's, else the task's")
     p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--temperature", type=float, default=None, help="with --samples > 1 or --show; default: the run's, else 0.9")
     p.add_argument("--top-k", type=int, default=None, help="with --samples > 1 or --show; default: the run's, else 50")
@@ -258,30 +289,29 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
                    help="weights' dtype for sampling; auto: bf16 where the hardware is fast at it")
     args = p.parse_args(argv)
-    if args.limit < 0 or args.samples < 1 or args.group_size < 2:
+    if (args.limit or 0) < 0 or args.samples < 1 or args.group_size < 2:
         p.error("--limit must be 0 (all) or more, --samples at least 1, --group-size at least 2")
     check_writable(args.out + (".html" if args.show else ".json"))  # before the work, not after
-    try:
-        args.corpus = corpus.default_corpus(args.task, args.corpus)
-        tools = tool_env.make_tools(corpus.load_corpus(args.corpus))
-        rows = data.load_task(args.task, args.split)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     if args.show:
-        if not 0 <= args.index < len(rows):
-            sys.exit(f"error: --index {args.index}: the {args.split} split has questions 0 to {len(rows) - 1}")
-        return show(args, tools, rows[args.index])
-    rows = [rows[i] for i in range(len(rows) if args.limit == 0 else min(args.limit, len(rows)))]
-    results, trajectories = {}, []
+        return show(args)
+    results, trajectories, splits = {}, [], {}
     for name in args.model:
+        config = run_config(name, args)  # each model as it was trained
+        task = build_task(config)
+        rubric_used = rubric or task.rubric
+        try:
+            split, rows = held_out(config)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
         model, tok = load(args, name)
-        rollout = rollout_config(name, args)
-        metrics, eps = evaluate(model, tok, rows, tools, rollout, args.samples, seed=args.seed)
-        results[name] = {**metrics, "rollout": dataclasses.asdict(rollout)}
+        rollout = sampler.RolloutConfig.from_dict(config)
+        metrics, eps = evaluate(model, tok, rows, task.env, rubric_used, rollout, args.samples, seed=args.seed)
+        results[name] = {**metrics, "split": split, "rollout": dataclasses.asdict(rollout)}
         trajectories += trajectory_records(name, eps)
+        splits[name] = split
         del model
     print_table(results)
-    write_eval(args.out, {"split": args.split, "task": args.task, "limit": args.limit, "samples": args.samples,
+    write_eval(args.out, {"split": next(iter(splits.values())), "limit": args.limit, "samples": args.samples,
                           "results": results}, trajectories)
     print(f"wrote {args.out}.json and {args.out}.trajectories.jsonl")
     return 0

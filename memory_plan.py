@@ -358,7 +358,7 @@ def parse_args(argv=None):
     a("--questions-per-step", type=int, default=2)
     a("--prompt-tokens", type=int, default=Settings.prompt_tokens)
     a("--max-turn-tokens", type=int, default=R.max_turn_tokens)
-    a("--max-tool-calls", type=int, default=R.max_tool_calls)
+    a("--max-tool-calls", type=int, default=1)
     a("--result-tokens", type=int, default=Settings.result_tokens, help="tokens of one tool result with its chat glue")
     a("--micro-batch-tokens", type=int, default=U.micro_batch_tokens)
     a("--beta", type=float, default=U.beta, help="> 0: a reference model is held too")

@@ -64,7 +64,7 @@ def _next_token_after(tokenizer, context_ids: list[int], text: str, word: str) -
     return full[len(context_ids)]
 
 
-def build_probe(tokenizer, rows, tools: dict, fewshot: bool) -> Probe:
+def build_probe(tokenizer, rows, env) -> Probe:
     """The probe's contexts for `rows` (dataset rows with a "question")."""
     ids, positions = [], []
     turn2 = tokenizer.encode(TURN2_REASONING, add_special_tokens=False)
@@ -73,9 +73,9 @@ def build_probe(tokenizer, rows, tools: dict, fewshot: bool) -> Probe:
     if tool_id == answer_id:
         raise ValueError("the probe cannot tell <tool> from <answer> by their first token")
     for row in rows:
-        msgs = tool_env.initial_messages(row["question"], tools, fewshot=fewshot)
-        call = canonical_call(row["question"], tools)
-        result = {"role": "user", "content": f"{tool_env.RESULT_OPEN}\n{tool_env.run_tool_call(call, tools)}\n{tool_env.RESULT_CLOSE}"}
+        msgs = env.initial_messages(row)
+        call = canonical_call(row["question"], env.tools)
+        result = env.step(msgs + [{"role": "assistant", "content": call}]).message  # the tool's real result
         prompt = sampler.prompt_ids(tokenizer, msgs)
         turn1 = tokenizer.encode(call, add_special_tokens=False)
         glue = sampler.chat_glue(tokenizer, result)

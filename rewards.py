@@ -1,19 +1,22 @@
-"""Turn-level (R^T) and outcome (R^O) rewards of MT-GRPO (docs/paper.md §3).
+"""Turn-level (R^T) and outcome (R^O) rewards of MT-GRPO (docs/paper.md §3), as rubrics.
 
-Every function here is pure: it reads an episode's messages (the chat as a list of
-{"role", "content"} dicts, as built by tool_env, read with tool_env's episode readers)
-and the gold aliases, and returns a score in [0, 1]. The two sums the algorithm uses
-weight them once, with the reference's weights (TURN_WEIGHTS, OUTCOME_WEIGHTS):
+A Rubric is two lists of weighted callables (Reward): turn rewards, each called with
+(episode, row, j) for every tool turn j, and outcome rewards, called with (episode, row),
+where `row` is the episode's whole dataset row. Each returns a score in [0, 1]; the
+weights are the only scale, so every logged component is a rate. The paper's rubric,
+with the reference's weights:
 
     R^T_j = 0.2 tool_execution + 0.5 search_has_answer of tool turn j      (about turn j's call)
     R^O = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml      (about the outcome)
 
-`turn_reward` and `outcome_reward` also return every component's score, unweighted, for
-logging (so a logged search_has_answer is a rate, in training as in evaluation).
+is PAPER_RUBRIC; the two-hop task's (data.build_two_hop) TWO_HOP_RUBRIC scores each search
+by its own hop: R^T_1 = 0.2 tool_execution + 0.5 bridge_found (search 1 found the bridge
+country), R^T_2 = 0.2 tool_execution + 0.5 search_has_answer (search 2 found the answer).
+Your own rubric: examples/calculator.py.
 
-The two-hop task (data.build_two_hop) scores each search by its own hop
-(`two_hop_turn_rewards`): R^T_1 = 0.2 tool_execution + 0.5 bridge_found (search 1 found the
-bridge country), R^T_2 = 0.2 tool_execution + 0.5 search_has_answer (search 2 found the answer).
+The scores are pure functions of an episode's messages (the chat as a list of
+{"role", "content"} dicts, as built by tool_env, read with tool_env's episode readers)
+and the gold aliases, each testable on hand-written messages.
 
 Changes against the reference rewards (docs/paper.md §5), each so that a policy cannot collect
 reward without doing the task, each tested on crafted episodes in test_rewards.py:
@@ -35,6 +38,9 @@ from __future__ import annotations
 
 import re
 import string
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 from tool_env import (
     ERROR_PREFIX,
@@ -50,10 +56,6 @@ from tool_env import (
 # TriviaQA's evaluation treats these quote marks as punctuation too.
 _PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u00b4", "`"}
 TAGS = ("reasoning", "tool", "answer")
-
-# The only weight layer (docs/paper.md §3): R^T and R^O are these weighted sums.
-TURN_WEIGHTS = {"tool_execution": 0.2, "search_has_answer": 0.5}
-OUTCOME_WEIGHTS = {"exact_match": 1.0, "contains_answer": 0.5, "format": 0.2, "xml": 0.2}
 
 
 def normalize_answer(s: str) -> str:
@@ -97,17 +99,6 @@ def tool_execution_reward(messages: list[dict]) -> float:
         return 0.0
     ok = sum(not r.startswith(ERROR_PREFIX) for r in results)
     return ok / len(results)
-
-
-def search_has_answer_reward(messages: list[dict], aliases: list[str]) -> float:
-    """1 if a gold alias occurs (normalized, whole words) in the first passage of
-    the first tool result, else 0. Only the first passage, whatever `k` the call asked
-    for: otherwise asking for five passages would buy five chances. An error result
-    earns nothing even if it quotes the answer."""
-    results = tool_results(messages)
-    if not results or results[0].startswith(ERROR_PREFIX):
-        return 0.0
-    return float(contains_alias(results[0].split(PASSAGE_SEP)[0], aliases))
 
 
 # ---------------------------------------------------------------------------------
@@ -201,60 +192,112 @@ def xml_reward(messages: list[dict]) -> float:
 
 
 # ---------------------------------------------------------------------------------
-# The sums
+# Rubrics: R^T and R^O as lists of weighted callables
 
 
-def _weighted(scores: dict, weights: dict, override: dict | None) -> tuple[float, dict]:
-    w = {**weights, **(override or {})}
-    return sum(w[k] * v for k, v in scores.items()), scores
+@dataclass(frozen=True)
+class Reward:
+    """One weighted component of R^T or R^O. An outcome reward is `fn(episode, row)`; a
+    turn reward is `fn(episode, row, j)`, the score of tool turn j (1-based, the j-th
+    call that got a result), or None where it does not apply to that turn. `episode`
+    has `.messages`; `row` is the dataset row, whole. A score lies in [0, 1]: the weight
+    is the only scale, so a logged component is a rate."""
+
+    name: str
+    weight: float
+    fn: Callable
 
 
-def turn_scores(result: str, aliases: list[str]) -> dict:
-    """The turn-level scores of one tool turn, from its own result: did the call run,
-    and does the first passage of its result contain a gold alias."""
-    ok = not result.startswith(ERROR_PREFIX)
-    return {"tool_execution": float(ok),
-            "search_has_answer": float(ok and contains_alias(result.split(PASSAGE_SEP)[0], aliases))}
+@dataclass
+class Rubric:
+    """R^T_j = sum over `turn` of weight x score of tool turn j; R^O = sum over `outcome`
+    of weight x score (docs/paper.md §3). A reward that raises, or returns anything but
+    a number in [0, 1], scores 0 and is reported once (on stderr): a user's reward that
+    misbehaves must not stop a run."""
+
+    turn: list[Reward]
+    outcome: list[Reward]
+    _reported: set = field(default_factory=set, repr=False, compare=False)
+
+    def _score(self, reward: Reward, *args) -> float | None:
+        try:
+            v = reward.fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported, scored 0
+            return self._report(reward, f"raised {type(e).__name__}: {e}")
+        if v is None and len(args) == 3:  # a turn reward that does not apply to this turn
+            return None
+        if isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:  # NaN fails this too
+            return self._report(reward, f"returned {v!r}, not a score in [0, 1]")
+        return float(v)
+
+    def _report(self, reward: Reward, what: str) -> float:
+        if reward.name not in self._reported:
+            self._reported.add(reward.name)
+            print(f"warning: reward {reward.name!r} {what}; it scores 0 (reported once)", file=sys.stderr)
+        return 0.0
+
+    def score(self, episode) -> None:
+        """Fill episode.turn_rewards ([R^T_1, ...], one per tool turn), episode.outcome_reward
+        (R^O) and episode.components: each reward's unweighted score, a turn reward's as
+        its mean over the tool turns it applies to (0 if none)."""
+        row, n_turns = episode.row, len(tool_results(episode.messages))
+        per_turn = [[self._score(r, episode, row, j) for r in self.turn] for j in range(1, n_turns + 1)]
+        episode.turn_rewards = [sum(r.weight * s for r, s in zip(self.turn, scores) if s is not None)
+                                for scores in per_turn]
+        components = {}
+        for k, r in enumerate(self.turn):
+            applied = [scores[k] for scores in per_turn if scores[k] is not None]
+            components[r.name] = sum(applied) / len(applied) if applied else 0.0
+        outcome = [self._score(r, episode, row) for r in self.outcome]
+        episode.outcome_reward = sum(r.weight * s for r, s in zip(self.outcome, outcome))
+        episode.components = {**components, **{r.name: s for r, s in zip(self.outcome, outcome)}}
 
 
-def turn_rewards(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[list[float], dict]:
-    """R^T_j of each tool turn j (the turns whose call got a result), each the sum of
-    TURN_WEIGHTS[c] x turn j's own score c (`weights` overrides some). With one tool
-    turn, [R^T] of the paper. Returns ([R^T_1, ...], {component: unweighted score of
-    the episode}, as logged: the fraction of calls that ran, and whether the first
-    result has the answer)."""
-    per_turn = [_weighted(turn_scores(r, aliases), TURN_WEIGHTS, weights)[0] for r in tool_results(messages)]
-    return per_turn, {"tool_execution": tool_execution_reward(messages),
-                      "search_has_answer": search_has_answer_reward(messages, aliases)}
+def gold(row: dict) -> list[str]:
+    """The gold aliases of a TriviaQA-schema row."""
+    return row["answer"]["aliases"]
 
 
-def turn_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
-    """R^T = the sum of the tool turns' rewards (turn_rewards); with one tool turn the
-    paper's sum of TURN_WEIGHTS[c] x score c. Returns (R^T, {component: unweighted score})."""
-    per_turn, scores = turn_rewards(messages, aliases, weights)
-    return sum(per_turn), scores
-
-
-def outcome_reward(messages: list[dict], aliases: list[str], weights: dict | None = None) -> tuple[float, dict]:
-    """R^O = sum of OUTCOME_WEIGHTS[c] x score c (`weights` overrides some). Returns (R^O,
-    {component: unweighted score})."""
-    scores = {"exact_match": exact_match_reward(messages, aliases),
-              "contains_answer": contains_answer_reward(messages, aliases),
-              "format": format_reward(messages), "xml": xml_reward(messages)}
-    return _weighted(scores, OUTCOME_WEIGHTS, weights)
-
-
-# ---------------------------------------------------------------------------------
-# The two-hop task (data.build_two_hop): hop 1 finds the bridge country, hop 2 the answer.
-# Pure functions of one tool result and the task's row ({"answer": {"aliases"},
-# "bridge": {"aliases"}}), so they plug into any reward layer.
-
-TWO_HOP_TURN_WEIGHTS = {"tool_execution": 0.2, "bridge_found": 0.5, "search_has_answer": 0.5}
+def turn_result(episode, j: int) -> str:
+    """The result text of tool turn j (1-based)."""
+    return tool_results(episode.messages)[j - 1]
 
 
 def _first_passage(result: str) -> str | None:
     """The first passage of a tool result, or None if the call failed."""
     return None if result.startswith(ERROR_PREFIX) else result.split(PASSAGE_SEP)[0]
+
+
+def tool_ran(episode, row: dict, j: int) -> float:
+    """§3.1 tool execution, of turn j: its call ran (its result is no "Error:")."""
+    return float(_first_passage(turn_result(episode, j)) is not None)
+
+
+def result_has_answer(episode, row: dict, j: int) -> float:
+    """§3.1 search result has answer, of turn j: the first passage of its result holds a
+    gold alias (whole words). Only the first passage, whatever `k` the call asked for."""
+    passage = _first_passage(turn_result(episode, j))
+    return float(passage is not None and contains_alias(passage, gold(row)))
+
+
+# The paper's rubric with the reference's weights (docs/paper.md §3):
+#   R^T_j = 0.2 tool_execution + 0.5 search_has_answer of tool turn j
+#   R^O   = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml
+PAPER_RUBRIC = Rubric(
+    turn=[Reward("tool_execution", 0.2, tool_ran), Reward("search_has_answer", 0.5, result_has_answer)],
+    outcome=[Reward("exact_match", 1.0, lambda ep, row: exact_match_reward(ep.messages, gold(row))),
+             Reward("contains_answer", 0.5, lambda ep, row: contains_answer_reward(ep.messages, gold(row))),
+             Reward("format", 0.2, lambda ep, row: format_reward(ep.messages)),
+             Reward("xml", 0.2, lambda ep, row: xml_reward(ep.messages))],
+)
+
+
+# ---------------------------------------------------------------------------------
+# The two-hop task (data.build_two_hop): hop 1 finds the bridge country, hop 2 the answer.
+# Pure functions of one tool result and the task's row ({"answer": {"aliases"},
+# "bridge": {"aliases"}}).
 
 
 def bridge_found(result: str, row: dict) -> float:
@@ -265,23 +308,16 @@ def bridge_found(result: str, row: dict) -> float:
 
 
 def answer_found(result: str, row: dict) -> float:
-    """Hop 2's score: the call ran and the first passage of its result holds a gold
-    alias (turn_scores' search_has_answer)."""
+    """Hop 2's score: the call ran and the first passage of its result holds a gold alias."""
     passage = _first_passage(result)
     return float(passage is not None and contains_alias(passage, row["answer"]["aliases"]))
 
 
-def two_hop_turn_rewards(messages: list[dict], row: dict, weights: dict | None = None) -> tuple[list[float], dict]:
-    """R^T_j of each tool turn j of a two-hop episode: turn 1 is
-    0.2 tool_execution + 0.5 bridge_found, turn 2 (and any later one, a retry of hop 2)
-    0.2 tool_execution + 0.5 answer_found, each from its own result (TWO_HOP_TURN_WEIGHTS;
-    `weights` overrides some). Returns ([R^T_1, ...], components as logged: the fraction of
-    calls that ran, whether search 1 found the bridge, whether search 2 found the answer)."""
-    w = {**TWO_HOP_TURN_WEIGHTS, **(weights or {})}
-    results = tool_results(messages)
-    per_turn = [w["tool_execution"] * (not r.startswith(ERROR_PREFIX))
-                + (w["bridge_found"] * bridge_found(r, row) if j == 0 else w["search_has_answer"] * answer_found(r, row))
-                for j, r in enumerate(results)]
-    return per_turn, {"tool_execution": tool_execution_reward(messages),
-                      "bridge_found": bridge_found(results[0], row) if results else 0.0,
-                      "search_has_answer": answer_found(results[1], row) if len(results) > 1 else 0.0}
+# Each search is scored by its own hop: R^T_1 = 0.2 tool_execution + 0.5 bridge_found,
+# R^T_j = 0.2 tool_execution + 0.5 search_has_answer for j >= 2 (a retry of hop 2 too)
+TWO_HOP_RUBRIC = Rubric(
+    turn=[Reward("tool_execution", 0.2, tool_ran),
+          Reward("bridge_found", 0.5, lambda ep, row, j: bridge_found(turn_result(ep, j), row) if j == 1 else None),
+          Reward("search_has_answer", 0.5, lambda ep, row, j: answer_found(turn_result(ep, j), row) if j >= 2 else None)],
+    outcome=PAPER_RUBRIC.outcome,
+)

@@ -3,10 +3,12 @@
 Read beside docs/paper.md §1 (the episode):
 
     Episode           one rollout: token ids, loss mask, turn index and sampling log-prob of each token
-    RolloutConfig     how episodes are sampled (turn budget, temperature, top-k, tool calls, demo)
+    RolloutConfig     how episodes are sampled (turn budget, temperature, top-k)
     sample_episodes   the sampler: prefill each prompt once, decode all rows together, let the
-                      environment (tool_env.env_step) end each turn, prefill tool results in batches
-    score_episodes    R^T and R^O of each episode (rewards.py)
+                      environment (tool_env.Environment: initial_messages, step) end each turn,
+                      prefill tool results in batches
+
+The rubric (rewards.Rubric) then scores each episode, with the row it keeps.
 
 Token in, token out: the ids the model sampled are the ids we train on. The environment's
 text (end-of-turn glue, the <result> message, the next assistant header) is tokenized
@@ -30,20 +32,26 @@ import tool_env
 
 @dataclass
 class Episode:
-    """One rollout. Lists are per token of `token_ids` (prompt included)."""
+    """One rollout of dataset row `row`. Lists are per token of `token_ids` (prompt included)."""
 
-    question_id: str
-    question: str
-    aliases: list[str]
-    token_ids: list[int]
-    loss_mask: list[int]  # 1 on tokens the model sampled in assistant turns
-    token_turns: list[int]  # k on tokens sampled in the k-th assistant turn, 0 elsewhere
-    sample_logp: list[float]  # log-prob of each sampled token at sampling time, 0 elsewhere
-    messages: list[dict]
+    row: dict  # the whole dataset row: the rubric's rewards read it
+    messages: list[dict] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)  # 1 on tokens the model sampled in assistant turns
+    token_turns: list[int] = field(default_factory=list)  # k on tokens sampled in the k-th assistant turn, 0 elsewhere
+    sample_logp: list[float] = field(default_factory=list)  # log-prob of each sampled token at sampling time, 0 elsewhere
     end_reason: str = ""
     turn_rewards: list[float] = field(default_factory=list)  # R^T_j of each tool turn j
     outcome_reward: float = 0.0  # R^O
     components: dict = field(default_factory=dict)
+
+    @property
+    def question_id(self) -> str:
+        return str(self.row.get("question_id", ""))
+
+    @property
+    def question(self) -> str:
+        return self.row.get("question", "")
 
     @property
     def turn_reward(self) -> float:
@@ -180,16 +188,12 @@ def no_dropout(fn):
 class RolloutConfig:
     """How episodes are sampled: one object for training, evaluation, `--show` and the
     benchmark, written to a run's config.json by train.py and read back by evaluate.py.
-    temperature 0 is greedy decoding (top_k is then unused)."""
+    temperature 0 is greedy decoding (top_k is then unused). What the prompt holds and
+    when an episode ends is the environment's (tool_env.ToolEnv)."""
 
     max_turn_tokens: int = 128  # sampled tokens per assistant turn
     temperature: float = 0.9
     top_k: int = 50  # 0 = the whole vocabulary
-    max_tool_calls: int = 1  # the paper's episode: one search, then the answer
-    fewshot: bool = False  # the one-shot tool-use demonstration before the question
-    # which demonstration (tool_env.DEMOS): "two-hop" shows two searches. A stopgap until
-    # the task owns its prompt (an environment object, issue 24)
-    demo: str = "one-hop"
 
     @classmethod
     def from_dict(cls, d: dict) -> "RolloutConfig":
@@ -265,14 +269,14 @@ def _extend(ep: Episode, ids: list[int], turn: int = 0, logp: float = 0.0) -> No
     ep.sample_logp += [logp] * len(ids)
 
 
-def _end_turn(row: Row, tokenizer, tools: dict, cfg: RolloutConfig, stopped: bool, end_ids: frozenset[int]) -> bool:
-    """The row's assistant turn is over: the environment (tool_env.env_step) ends the
-    episode or returns the tool's <result>, whose chat-template glue ids are appended
-    and fed later. Returns whether the episode goes on."""
+def _end_turn(row: Row, tokenizer, env, stopped: bool, end_ids: frozenset[int]) -> bool:
+    """The row's assistant turn is over: the environment (env.step) ends the episode or
+    returns its next message (a tool's <result>), whose chat-template glue ids are
+    appended and fed later. Returns whether the episode goes on."""
     ep, last = row.ep, row.ep.token_ids[-1]
     text = tokenizer.decode(ep.token_ids[row.turn_start :], skip_special_tokens=True)
     ep.messages.append({"role": "assistant", "content": text})
-    step = tool_env.env_step(ep.messages, tools, cfg.max_tool_calls, truncated=not stopped)
+    step = env.step(ep.messages, truncated=not stopped)
     if step.done:
         ep.end_reason = step.reason
         return False
@@ -296,7 +300,7 @@ def _may_close_tag(tokenizer) -> frozenset[int]:
     return frozenset(i for i, t in enumerate(texts) if any(c in t for c in last))
 
 
-def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: RolloutConfig, end_ids: frozenset[int]) -> bool:
+def _record(row: Row, tok: int, logp: float, tokenizer, env, cfg: RolloutConfig, end_ids: frozenset[int]) -> bool:
     """Append one sampled token; end the turn at </tool>, </answer>, an end-of-turn token
     (`end_ids`: turn_end_ids) or the turn's token budget. Returns whether the episode goes on."""
     ep = row.ep
@@ -309,7 +313,7 @@ def _record(row: Row, tok: int, logp: float, tokenizer, tools: dict, cfg: Rollou
         stopped = any(s in tail for s in STOP_STRINGS)
     if not stopped and len(ep.token_ids) - row.turn_start < cfg.max_turn_tokens:
         return True
-    return _end_turn(row, tokenizer, tools, cfg, stopped, end_ids)
+    return _end_turn(row, tokenizer, env, stopped, end_ids)
 
 
 def shared_prefix_len(prompts: list[list[int]], min_len: int = 16) -> int:
@@ -328,10 +332,11 @@ def shared_prefix_len(prompts: list[list[int]], min_len: int = 16) -> int:
 
 @no_dropout
 @torch.inference_mode()
-def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size: int, cfg: RolloutConfig,
+def sample_episodes(model, tokenizer, rows: list[dict], env: tool_env.Environment, group_size: int, cfg: RolloutConfig,
                     generator: torch.Generator | None = None, force: list[list[int]] | None = None) -> list[Episode]:
-    """Roll out `group_size` episodes for each row ({"question_id", "question",
-    "answer": {"aliases"}}), all in one batch with one KV cache (DecodeBatch).
+    """Roll out `group_size` episodes for each dataset row in environment `env`
+    (env.initial_messages(row), then env.step after every turn), all in one batch with
+    one KV cache (DecodeBatch).
 
     Each step feeds every live row its newest tokens and samples one token per row.
     Each distinct prompt is prefilled once and its cache copied to its G rollouts;
@@ -347,11 +352,10 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, live = [], []
     for row in rows:
-        msgs = tool_env.initial_messages(row["question"], tools, fewshot=cfg.fewshot, demo=tool_env.DEMOS[cfg.demo])
+        msgs = env.initial_messages(row)
         prompts.append(prompt_ids(tokenizer, msgs))
         for _ in range(group_size):
-            ep = Episode(row["question_id"], row["question"], list(row["answer"]["aliases"]), [], [], [], [],
-                         [dict(m) for m in msgs])
+            ep = Episode(row, [dict(m) for m in msgs])
             _extend(ep, prompts[-1])
             live.append(Row(ep, force=[], turn_start=len(ep.token_ids)))
     if force is not None:
@@ -382,7 +386,7 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
         # A parked row was fed a hole: its logits mean nothing, it records nothing.
         toks, lps = tokens.tolist(), logps.tolist()  # one copy to the host per step, not two per row
         keep = [r for r, row in enumerate(live)
-                if row.parked or _record(row, toks[r], lps[r], tokenizer, tools, cfg, end_ids)]
+                if row.parked or _record(row, toks[r], lps[r], tokenizer, env, cfg, end_ids)]
         if len(keep) < len(live):
             batch.keep(keep)
             live = [live[r] for r in keep]
@@ -397,14 +401,6 @@ def sample_episodes(model, tokenizer, rows: list[dict], tools: dict, group_size:
                     row.parked = False
             logits = batch.forward([[] if row.parked else row.feed for row in live])
     return episodes
-
-
-def score_episodes(episodes: list[Episode]) -> None:
-    """Fill R^T (per tool turn), R^O and their components' scores on each episode (rewards.py)."""
-    for ep in episodes:
-        ep.turn_rewards, t_parts = rewards.turn_rewards(ep.messages, ep.aliases)
-        ep.outcome_reward, o_parts = rewards.outcome_reward(ep.messages, ep.aliases)
-        ep.components = {**t_parts, **o_parts}
 
 
 def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:

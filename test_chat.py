@@ -27,7 +27,7 @@ def test_transcript_of_a_two_turn_episode():
             {"role": "assistant", "content": "<reasoning>r</reasoning><tool>{}</tool>"},
             {"role": "user", "content": "<result>\nEgypt - Capital\nCairo\n</result>"},
             {"role": "assistant", "content": "<reasoning>found</reasoning><answer>Cairo</answer>"}]
-    ep = Episode("user", "q?", [], [], [], [], [], msgs, end_reason="answer")
+    ep = Episode({"question_id": "user", "question": "q?"}, msgs, end_reason="answer")
     assert chat.transcript(ep).splitlines() == [
         "agent | <reasoning>r</reasoning><tool>{}</tool>",
         "tool  | <result>", "tool  | Egypt - Capital", "tool  | Cairo", "tool  | </result>",

@@ -195,8 +195,7 @@ def _adamw_update(model, master, episodes, advs):
     opt = train.make_optimizer(master.params, 1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     args = vars(train.parse_args(["--temperature", "1", "--micro-batch-tokens", "40", "--tis-cap", "0"]))
-    return train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args),
-                        sampler.RolloutConfig.from_dict(args), 0)
+    return train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args), 0)
 
 
 def _fsdp_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -> None:
@@ -221,7 +220,8 @@ def _fsdp_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -> 
     cfg = sampler.RolloutConfig(max_turn_tokens=6, temperature=1.0, top_k=0)
     with sharding.gathered(model):
         episodes = sampler.sample_episodes(model, AutoTokenizer.from_pretrained(tiny_path), Q[rank:rank + 1],
-                                           tool_env.make_tools(CORPUS), 2, cfg, torch.Generator().manual_seed(rank))
+                                           tool_env.ToolEnv(tool_env.make_tools(CORPUS)), 2, cfg,
+                                           torch.Generator().manual_seed(rank))
     setattr(dist, name, all_gather)
     eps, advs, share = _three_groups()
     idle, idle_pass = [], sharding.idle_pass
@@ -272,10 +272,9 @@ def test_fsdp_two_processes_give_the_update_of_one(tiny, tmp_path):
 
 LAUNCHER = """import sys
 sys.path.insert(0, {here!r})
-import sampler, train
-from test_train import fake_scores
-sampler.score_episodes = fake_scores  # rewards that a random tiny model earns, so it really trains
-sys.exit(train.main())
+import train
+from conftest import task_for
+sys.exit(train.main(task=task_for(sys.argv[1:])))  # TEST_RUBRIC: rewards that a random tiny model earns, so it really trains
 """
 
 

@@ -1,7 +1,9 @@
 """Tests of evaluate.py: the greedy evaluation's metrics and the --show rendering of an
 episode with its advantages."""
 
+import rewards
 import sampler
+import tool_env
 from conftest import Q, run_scripted
 
 
@@ -9,12 +11,14 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     import evaluate
 
     model, _ = tiny
-    metrics, eps = evaluate.evaluate(model, tokenizer, Q, tools, sampler.RolloutConfig(max_turn_tokens=8, fewshot=False))
+    metrics, eps = evaluate.evaluate(model, tokenizer, Q, tool_env.ToolEnv(tools), rewards.PAPER_RUBRIC,
+                                     sampler.RolloutConfig(max_turn_tokens=8))
     assert metrics["episodes"] == 2 and set(evaluate.METRICS) <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in evaluate.METRICS)
     # a scripted two-turn rollout, rendered with its mt-grpo advantages
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", None, "Egypt", None])
-    sampler.score_episodes(eps)
+    for e in eps:
+        rewards.PAPER_RUBRIC.score(e)
     advs = sampler.episode_advantages(eps, 2, "mt-grpo")
     ansi, page = evaluate.render(tokenizer, eps[0], advs[0])
     assert "[turn 1]" in ansi and "[turn 2]" in ansi
@@ -28,3 +32,36 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
     assert plain.lstrip().startswith("<|im_start|>user\nQuestion: What is the capital of Egypt?")
     assert "\x1b[" not in plain and "You answer questions" not in plain and "[turn 1]" in plain
     assert "You" in ansi and "system" in ansi  # the full text has the system prompt
+
+
+def test_a_run_is_evaluated_as_it_was_trained(tmp_path):
+    """evaluate.py reads a run's config.json: its split and the spread of its questions (as
+    train.py's --eval-questions takes them), its --search-chars, demonstration and tool-call
+    limit; a flag given on the command line overrides the run's."""
+    import argparse
+    import json
+
+    import data
+    import evaluate
+    import tasks
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "model": "smollm2-135m", "task": "factbook", "corpus": None, "search_chars": 40, "fewshot": True,
+        "max_tool_calls": 2, "eval_split": "test", "eval_questions": 3, "max_turn_tokens": 24, "temperature": 0.7}))
+    config = evaluate.run_config(str(run))
+    split, rows = evaluate.held_out(config)
+    test = data.load_task("factbook", "test")
+    assert split == "test" and rows == [test[0], test[len(test) // 3], test[2 * len(test) // 3]]  # spread, not the first 3
+    env = tasks.build(config).env
+    assert env.max_tool_calls == 2 and env.demo == tool_env.FEWSHOT
+    assert len(env.tools["wiki_search"]("capital of Egypt")) <= 40 + 4  # cut at the run's budget (+ " ...")
+    assert sampler.RolloutConfig.from_dict(config) == sampler.RolloutConfig(max_turn_tokens=24, temperature=0.7)
+    given = argparse.Namespace(model=[str(run)], split="validation", limit=0, search_chars=None, temperature=None)
+    split, rows = evaluate.held_out(evaluate.run_config(str(run), given))
+    assert split == "validation" and len(rows) == len(data.load_task("factbook", "validation"))  # --limit 0: all
+    # a model that is no run: the defaults, the demonstration for the embedded model only
+    assert tasks.build(evaluate.run_config("smollm2-135m")).env.demo == tool_env.FEWSHOT
+    assert tasks.build(evaluate.run_config("Qwen/Qwen2.5-7B")).env.demo is None
+    assert evaluate.held_out(evaluate.run_config("smollm2-135m"))[0] == "validation"

@@ -50,7 +50,7 @@ def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer, device):
     for n in (5, 9, 12, 7):
         ids = torch.randint(0, 1000, (n,), generator=g).tolist()
         mask = [0, 0] + [1] * (n - 2)
-        episodes.append(sampler.Episode("q", "q", [], ids, mask, mask, [0.0] * n, []))
+        episodes.append(sampler.Episode({"question_id": "q"}, [], ids, mask, mask, [0.0] * n))
     advs = [torch.randn(len(e.token_ids), generator=g) for e in episodes]
     total = sum(sum(e.loss_mask) for e in episodes)
 

@@ -12,8 +12,9 @@ import torch
 
 import models
 import probe
+import tool_env
 import train
-from conftest import Q
+from conftest import Q, train_main
 
 
 def test_kl_by_hand():
@@ -25,7 +26,7 @@ def test_kl_by_hand():
 
 
 def test_contexts_follow_the_sampler_layout(tokenizer, tools):
-    p = probe.build_probe(tokenizer, Q, tools, fewshot=True)
+    p = probe.build_probe(tokenizer, Q, tool_env.ToolEnv(tools, tool_env.FEWSHOT))
     assert tokenizer.decode([p.tool_id]) == "tool" and tokenizer.decode([p.answer_id]) == "answer"
     for row, ids, pos in zip(Q, p.ids, p.positions):
         text = tokenizer.decode(ids)
@@ -40,7 +41,7 @@ def test_contexts_follow_the_sampler_layout(tokenizer, tools):
 def test_probe_forward_equals_a_plain_forward(tiny, tokenizer, tools):
     """The shared-prefix forward gives each row's own log-softmax at its positions."""
     model, _ = tiny
-    p = probe.build_probe(tokenizer, Q, tools, fewshot=True)
+    p = probe.build_probe(tokenizer, Q, tool_env.ToolEnv(tools, tool_env.FEWSHOT))
     got = probe.probe_logprobs(model, p)
     want = []
     with torch.no_grad():
@@ -66,25 +67,13 @@ def test_logged_kl_is_the_kl_between_the_saved_policies(tiny, tmp_path):
     args = ["--model", path, "--steps", "1", "--questions-per-step", "2", "--group-size", "2", "--max-turn-tokens", "12",
             "--output-dir", str(out), "--lr", "1e-2", "--device", "cpu", "--eval-every", "0", "--probe-questions", "3",
             "--task", "factbook", "--temperature", "2"]
-    import sampler
-    orig = sampler.score_episodes
-
-    def varied(episodes):  # a reward with variance, so the update is not zero
-        orig(episodes)
-        for i, e in enumerate(episodes):
-            e.outcome_reward = float(i % 2)
-    sampler.score_episodes = varied
-    try:
-        assert train.main(args) == 0
-    finally:
-        sampler.score_episodes = orig
+    assert train_main(args) == 0  # conftest.TEST_RUBRIC: a reward with variance, so the update is not zero
     with open(os.path.join(out, "log.jsonl")) as f:
         start, rec = [json.loads(l) for l in f]
     after = models.load_model(str(out / "checkpoint"), "cpu")[0].eval()
-    import data, corpus, tool_env
-    rows = data.load_task("factbook", "validation")
-    tools = tool_env.make_tools(corpus.load_corpus("factbook"))
-    p = probe.build_probe(models.load_model(path, "cpu")[1], [rows[i] for i in train.spread(len(rows), 3)], tools, False)
+    import data, tasks
+    env = tasks.build({"task": "factbook", "model": path}).env  # the run's environment: no demonstration
+    p = probe.build_probe(models.load_model(path, "cpu")[1], data.spread_rows(data.load_task("factbook", "validation"), 3), env)
     d = probe.kl(probe.probe_logprobs(copy.deepcopy(model).eval(), p), probe.probe_logprobs(after, p))
     assert rec["probe_kl_mean"] == pytest.approx(float(d.mean()), rel=1e-4) and rec["probe_kl_mean"] > 0
     assert rec["probe_kl_max"] == pytest.approx(float(d.max()), rel=1e-4)

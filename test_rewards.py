@@ -4,6 +4,10 @@ import pytest
 
 from conftest import chat
 from rewards import (
+    PAPER_RUBRIC,
+    TWO_HOP_RUBRIC,
+    Reward,
+    Rubric,
     _format_score,
     _xml_score,
     answer_found,
@@ -12,14 +16,10 @@ from rewards import (
     exact_match,
     format_reward,
     normalize_answer,
-    outcome_reward,
-    search_has_answer_reward,
     tool_execution_reward,
-    turn_reward,
-    turn_rewards,
-    two_hop_turn_rewards,
     xml_reward,
 )
+from sampler import Episode
 from tool_env import final_answer
 
 ALIASES = ["Mount Catherine", "Mt. Catherine"]
@@ -29,8 +29,23 @@ BAD_RESULT = "<result>\nEgypt - Geography - Coastline\n2,450 km\n</result>"
 ERROR_RESULT = "<result>\nError: invalid JSON inside <tool>: Expecting value at character 0\n</result>"
 
 
+ROW = {"question_id": "q", "question": "highest point in Egypt?", "answer": {"aliases": ALIASES}}
+TURN, OUTCOME = ("tool_execution", "search_has_answer"), ("exact_match", "contains_answer", "format", "xml")
+
+
 def episode(*turns):
     return chat(*turns, question="highest point in Egypt?")
+
+
+def scored(msgs, rubric=PAPER_RUBRIC, row=ROW) -> Episode:
+    """An episode of these messages, scored by `rubric` (its turn_rewards, outcome_reward, components)."""
+    ep = Episode(row, msgs)
+    rubric.score(ep)
+    return ep
+
+
+def parts(ep, names):
+    return {k: ep.components[k] for k in names}
 
 
 def answer(a):
@@ -62,55 +77,48 @@ def test_exact_match():
 
 
 def test_correct_episode():
-    msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
-    rt, parts = turn_reward(msgs, ALIASES)
-    assert parts == {"tool_execution": 1.0, "search_has_answer": 1.0}  # scores, unweighted
-    assert rt == pytest.approx(0.2 * 1 + 0.5 * 1)
-    ro, parts = outcome_reward(msgs, ALIASES)
-    assert parts == {"exact_match": 1.0, "contains_answer": 1.0, "format": 1.0, "xml": 1.0}
-    assert ro == pytest.approx(1.0 + 0.5 + 0.2 + 0.2)
+    ep = scored(episode(CALL, GOOD_RESULT, answer("Mount Catherine")))
+    assert parts(ep, TURN) == {"tool_execution": 1.0, "search_has_answer": 1.0}  # scores, unweighted
+    assert ep.turn_rewards == pytest.approx([0.2 * 1 + 0.5 * 1])
+    assert parts(ep, OUTCOME) == {"exact_match": 1.0, "contains_answer": 1.0, "format": 1.0, "xml": 1.0}
+    assert ep.outcome_reward == pytest.approx(1.0 + 0.5 + 0.2 + 0.2)
 
 
 def test_wrong_answer_after_useless_search():
-    msgs = episode(CALL, BAD_RESULT, answer("Mount Sinai"))
-    rt, parts = turn_reward(msgs, ALIASES)
-    assert parts == {"tool_execution": 1.0, "search_has_answer": 0.0}
-    assert rt == pytest.approx(0.2)
-    ro, parts = outcome_reward(msgs, ALIASES)
-    assert parts["exact_match"] == 0.0 and parts["contains_answer"] == 0.0
-    assert ro == pytest.approx(0.2 + 0.2)  # format and xml only
+    ep = scored(episode(CALL, BAD_RESULT, answer("Mount Sinai")))
+    assert parts(ep, TURN) == {"tool_execution": 1.0, "search_has_answer": 0.0}
+    assert ep.turn_reward == pytest.approx(0.2)
+    assert ep.components["exact_match"] == 0.0 and ep.components["contains_answer"] == 0.0
+    assert ep.outcome_reward == pytest.approx(0.2 + 0.2)  # format and xml only
 
 
 def test_error_result_is_a_failed_call():
     # the error text quotes nothing useful, and an error never counts as the search result
     msgs = episode("<tool>{oops}</tool>", ERROR_RESULT, answer("Mount Catherine"))
     assert tool_execution_reward(msgs) == 0.0
-    assert search_has_answer_reward(msgs, ALIASES) == 0.0
+    assert parts(scored(msgs), TURN) == {"tool_execution": 0.0, "search_has_answer": 0.0}
     msgs = episode("<tool>x</tool>", "<result>\nError: Mount Catherine not found\n</result>", answer("x"))
-    assert search_has_answer_reward(msgs, ALIASES) == 0.0
+    assert scored(msgs).components["search_has_answer"] == 0.0 and scored(msgs).turn_rewards == [0.0]
 
 
 def test_two_calls_one_failed():
     msgs = episode(CALL, ERROR_RESULT, CALL, GOOD_RESULT, answer("Mt Catherine"))
     assert tool_execution_reward(msgs) == pytest.approx(0.5)  # 1 of 2 calls ran
-    assert search_has_answer_reward(msgs, ALIASES) == 0.0  # the logged component: the first result
     # each tool turn is scored on its own call and result: turn 1 failed, turn 2 ran and found it
-    per_turn, parts = turn_rewards(msgs, ALIASES)
-    assert per_turn == pytest.approx([0.0, 0.2 + 0.5])
-    assert parts == {"tool_execution": 0.5, "search_has_answer": 0.0}
-    assert turn_reward(msgs, ALIASES)[0] == pytest.approx(0.7)  # R^T: the sum over the tool turns
+    ep = scored(msgs)
+    assert ep.turn_rewards == pytest.approx([0.0, 0.2 + 0.5])
+    assert parts(ep, TURN) == {"tool_execution": 0.5, "search_has_answer": 0.5}  # logged: the mean over the turns
+    assert ep.turn_reward == pytest.approx(0.7)  # R^T: the sum over the tool turns
     # one tool turn: the paper's R^T, one value
-    assert turn_rewards(episode(CALL, GOOD_RESULT, answer("x")), ALIASES)[0] == pytest.approx([0.7])
-    assert turn_rewards(episode(CALL, BAD_RESULT, answer("x")), ALIASES)[0] == pytest.approx([0.2])
-    assert turn_rewards(episode(answer("x")), ALIASES)[0] == []  # no tool turn
+    assert scored(episode(CALL, GOOD_RESULT, answer("x"))).turn_rewards == pytest.approx([0.7])
+    assert scored(episode(CALL, BAD_RESULT, answer("x"))).turn_rewards == pytest.approx([0.2])
+    assert scored(episode(answer("x"))).turn_rewards == []  # no tool turn
 
 
 def test_no_tool_call():
-    msgs = episode(answer("Mount Catherine"))
-    rt, parts = turn_reward(msgs, ALIASES)
-    assert rt == 0.0 and parts == {"tool_execution": 0.0, "search_has_answer": 0.0}
-    ro, _ = outcome_reward(msgs, ALIASES)
-    assert ro == pytest.approx(1.9)
+    ep = scored(episode(answer("Mount Catherine")))
+    assert ep.turn_reward == 0.0 and parts(ep, TURN) == {"tool_execution": 0.0, "search_has_answer": 0.0}
+    assert ep.outcome_reward == pytest.approx(1.9)
 
 
 def test_pasted_passage_earns_no_contains():
@@ -132,7 +140,7 @@ def test_final_answer_is_the_last_one_and_skips_fewshot():
         {"role": "assistant", "content": "no tags at all"},
     ]
     assert final_answer(demo) is None
-    assert outcome_reward(demo, ALIASES)[1] == {"exact_match": 0.0, "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
+    assert parts(scored(demo), OUTCOME) == {"exact_match": 0.0, "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
     msgs = episode("<answer>a</answer> <answer>b</answer>")
     assert final_answer(msgs) == "b"
 
@@ -160,19 +168,41 @@ def test_malformed_format_and_xml():
     assert xml_reward(msgs) == pytest.approx((1 + 0) / 2)
 
 
-def test_weights():
+def test_a_rubric_is_its_weighted_callables():
     msgs = episode(CALL, GOOD_RESULT, answer("Mount Catherine"))
-    rt, parts = turn_reward(msgs, ALIASES, weights={"search_has_answer": 2.0})
-    assert rt == pytest.approx(0.2 * 1 + 2.0 * 1)  # the override replaces 0.5
-    ro, _ = outcome_reward(msgs, ALIASES, weights={"format": 0.0, "xml": 0.0, "contains_answer": 0.0})
-    assert ro == 1.0
+    heavier = Rubric([Reward(r.name, 2.0 if r.name == "search_has_answer" else r.weight, r.fn) for r in PAPER_RUBRIC.turn],
+                     [r for r in PAPER_RUBRIC.outcome if r.name == "exact_match"])
+    ep = scored(msgs, heavier)
+    assert ep.turn_rewards == pytest.approx([0.2 * 1 + 2.0 * 1])  # the weight replaces 0.5
+    assert ep.outcome_reward == 1.0 and set(ep.components) == {"tool_execution", "search_has_answer", "exact_match"}
+    # a reward reads the whole row, not only the aliases: here a column of the user's own
+    row = {**ROW, "max_words": 2}
+    short = Rubric([], [Reward("short", 0.5, lambda ep, row: float(len(final_answer(ep.messages).split()) <= row["max_words"]))])
+    assert scored(msgs, short, row).outcome_reward == 0.5
+    assert scored(episode(answer("the Mount of Saint Catherine")), short, row).outcome_reward == 0.0
+
+
+def test_a_reward_that_misbehaves_scores_0_and_is_reported_once(capsys):
+    def broken(ep, row):
+        raise KeyError("gold")
+    rubric = Rubric([Reward("turn_boom", 1.0, lambda ep, row, j: 1 / 0)],
+                    [Reward("boom", 1.0, broken), Reward("big", 1.0, lambda ep, row: 3.0),
+                     Reward("nan", 1.0, lambda ep, row: float("nan")), Reward("text", 1.0, lambda ep, row: "1"),
+                     Reward("ok", 0.5, lambda ep, row: True)])
+    for _ in range(2):
+        ep = scored(episode(CALL, GOOD_RESULT, answer("x")), rubric)
+        assert ep.turn_rewards == [0.0] and ep.outcome_reward == 0.5
+        assert ep.components == {"turn_boom": 0.0, "boom": 0.0, "big": 0.0, "nan": 0.0, "text": 0.0, "ok": 1.0}
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 5  # once each, not once per episode
+    assert "reward 'boom' raised KeyError" in err[1] and "'big' returned 3.0, not a score in [0, 1]" in err[2]
 
 
 def test_search_has_answer_reads_the_first_passage_only():
     two = "<result>\nEgypt - Geography - Coastline\n2,450 km\n\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n</result>"
-    assert search_has_answer_reward(episode(CALL, two, answer("x")), ALIASES) == 0.0  # in the second passage: no
+    assert scored(episode(CALL, two, answer("x"))).components["search_has_answer"] == 0.0  # in the second passage: no
     first = "<result>\nEgypt - Geography - Elevation\nhighest point: Mount Catherine\n\nEgypt - Geography - Coastline\n2,450 km\n</result>"
-    assert search_has_answer_reward(episode(CALL, first, answer("x")), ALIASES) == 1.0
+    assert scored(episode(CALL, first, answer("x"))).components["search_has_answer"] == 1.0
 
 
 def test_search_results_keep_passages_apart():
@@ -204,8 +234,8 @@ def test_contains_answer_pays_nothing_for_hedges_and_lists(ans, aliases, expecte
 def test_ending_on_a_second_tool_call_scores_below_answering():
     loop = episode(CALL, GOOD_RESULT, CALL)  # the second call is not executed: the episode ends
     wrong = episode(CALL, GOOD_RESULT, answer("Mount Sinai"))
-    ro_loop, parts_loop = outcome_reward(loop, ALIASES)
-    ro_wrong, parts_wrong = outcome_reward(wrong, ALIASES)
+    ro_loop, parts_loop = scored(loop).outcome_reward, scored(loop).components
+    ro_wrong = scored(wrong).outcome_reward
     # format: the last message did not answer -> (1 + 0) / 2; xml is right in both messages
     assert parts_loop["format"] == pytest.approx(0.5) and parts_loop["xml"] == pytest.approx(1.0)
     assert ro_loop == pytest.approx(0.2 * 0.5 + 0.2 * 1.0) and ro_wrong == pytest.approx(0.2 + 0.2)
@@ -254,27 +284,29 @@ def test_bridge_found_and_answer_found_read_one_result():
 
 
 def test_two_hop_turn_rewards():
+    def score(*turns):
+        ep = scored(two_hop(*turns), TWO_HOP_RUBRIC, ROW_2HOP)
+        return ep.turn_rewards, parts(ep, ("tool_execution", "bridge_found", "search_has_answer"))
+
     # both hops found: [0.2 + 0.5, 0.2 + 0.5]
-    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP2, answer("Barbadian dollar")), ROW_2HOP)
+    r, p = score(CALL, HOP1, CALL, HOP2, answer("Barbadian dollar"))
     assert r == pytest.approx([0.7, 0.7])
-    assert parts == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 1.0}
+    assert p == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 1.0}
     # the wrong country, then its currency: search 1 ran but found no bridge; search 2 ran
-    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1_WRONG, CALL, HOP2_SECOND, answer("x")), ROW_2HOP)
-    assert r == pytest.approx([0.2, 0.2]) and parts["bridge_found"] == 0.0 and parts["search_has_answer"] == 0.0
+    r, p = score(CALL, HOP1_WRONG, CALL, HOP2_SECOND, answer("x"))
+    assert r == pytest.approx([0.2, 0.2]) and p["bridge_found"] == 0.0 and p["search_has_answer"] == 0.0
     # one search that found the bridge, then an answer: one tool turn
-    r, parts = two_hop_turn_rewards(two_hop(CALL, HOP1, answer("BBD")), ROW_2HOP)
-    assert r == pytest.approx([0.7]) and parts == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 0.0}
+    r, p = score(CALL, HOP1, answer("BBD"))
+    assert r == pytest.approx([0.7]) and p == {"tool_execution": 1.0, "bridge_found": 1.0, "search_has_answer": 0.0}
     # the answer in search 1's result pays hop 1 nothing beyond the bridge (its title names Barbados)
-    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP2, answer("BBD")), ROW_2HOP)
-    assert r == pytest.approx([0.7])
+    assert score(CALL, HOP2, answer("BBD"))[0] == pytest.approx([0.7])
     # a failed first call, then the bridge: hop 2's score is the answer's, not the bridge's
-    r, parts = two_hop_turn_rewards(two_hop(CALL, ERROR_RESULT, CALL, HOP1, answer("x")), ROW_2HOP)
-    assert r == pytest.approx([0.0, 0.2]) and parts["tool_execution"] == 0.5
-    # no call; weights override
-    assert two_hop_turn_rewards(two_hop(answer("BBD")), ROW_2HOP) == ([], {"tool_execution": 0.0, "bridge_found": 0.0,
-                                                                          "search_has_answer": 0.0})
-    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP2), ROW_2HOP, {"bridge_found": 1.0, "tool_execution": 0.0})
-    assert r == pytest.approx([1.0, 0.5])
-    # a third search is scored as hop 2 (a retry of it)
-    r, _ = two_hop_turn_rewards(two_hop(CALL, HOP1, CALL, HOP1, CALL, HOP2), ROW_2HOP)
-    assert r == pytest.approx([0.7, 0.2, 0.7])
+    r, p = score(CALL, ERROR_RESULT, CALL, HOP1, answer("x"))
+    assert r == pytest.approx([0.0, 0.2]) and p["tool_execution"] == 0.5
+    # no call
+    assert score(answer("BBD")) == ([], {"tool_execution": 0.0, "bridge_found": 0.0, "search_has_answer": 0.0})
+    # a third search is scored as hop 2 (a retry of it); logged: the mean over the hop-2 turns
+    r, p = score(CALL, HOP1, CALL, HOP1, CALL, HOP2)
+    assert r == pytest.approx([0.7, 0.2, 0.7]) and p["search_has_answer"] == 0.5
+    # the outcome is the paper's
+    assert TWO_HOP_RUBRIC.outcome == PAPER_RUBRIC.outcome

@@ -80,8 +80,8 @@ def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype, device):
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", "highest point Egypt", "Egypt", None])
     check_consistency(model, tokenizer, eps, TOL[dtype])
     # free sampling too, with the fewshot prompt (long prompt) and the turn budget
-    cfg = sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, top_k=50, fewshot=True)
-    free = sampler.sample_episodes(model, tokenizer, Q, tools, 3, cfg, generator=torch.Generator(device=device).manual_seed(3))
+    cfg = sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, top_k=50)
+    free = sampler.sample_episodes(model, tokenizer, Q, tool_env.ToolEnv(tools, tool_env.FEWSHOT), 3, cfg, generator=torch.Generator(device=device).manual_seed(3))
     assert {e.end_reason for e in free} <= {"budget", "no_action", "answer", "tool", "tool_limit"}
     check_consistency(model, tokenizer, free, TOL[dtype])
 
@@ -89,7 +89,7 @@ def test_logprob_consistency_tiny_model(tiny, tokenizer, tools, dtype, device):
 def plain_greedy_episode(model, tokenizer, row, tools, max_turn_tokens, force=()):
     """The obviously-correct sampler: one episode, no cache, no padding; every token
     is the argmax of a full forward pass over the whole sequence so far."""
-    msgs = tool_env.initial_messages(row["question"], tools)
+    msgs = tool_env.ToolEnv(tools).initial_messages(row)
     ids = sampler.prompt_ids(tokenizer, msgs)
     force, n_sampled = list(force), 0
     device = next(model.parameters()).device
@@ -126,7 +126,7 @@ def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype, devi
     # scripts end 3 tokens early, then greedy decoding takes over; one episode is all greedy
     force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
     greedy = sampler.RolloutConfig(max_turn_tokens=48).greedy()
-    batched = sampler.sample_episodes(model, tokenizer, Q, tools, 2, greedy, force=force)
+    batched = sampler.sample_episodes(model, tokenizer, Q, tool_env.ToolEnv(tools), 2, greedy, force=force)
     assert any(e.num_turns == 2 for e in batched)
     for i, ep in enumerate(batched):
         assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
@@ -180,7 +180,7 @@ def test_a_turn_ends_at_the_templates_end_of_turn_token_when_eos_differs(tiny, t
     cfg = sampler.RolloutConfig(max_turn_tokens=40, temperature=1.0, top_k=0)
     call = tok.encode("<tool>not json", add_special_tokens=False) + [im_end]  # an attempt: an Error result comes back
     answer = tok.encode("<answer>Cairo</answer>", add_special_tokens=False)
-    eps = sampler.sample_episodes(model, tok, Q[:1], tools, 2, cfg, torch.Generator().manual_seed(0),
+    eps = sampler.sample_episodes(model, tok, Q[:1], tool_env.ToolEnv(tools), 2, cfg, torch.Generator().manual_seed(0),
                                   force=[turn + after, call + answer])
     assert [t for t, m in zip(eps[0].token_ids, eps[0].loss_mask) if m] == turn
     assert eps[0].end_reason == "no_action" and eps[0].messages[-1]["content"] == "<reasoning>no tool needed</reasoning>"

@@ -206,9 +206,9 @@ def test_system_prompt_renders_tools_and_tags(tools):
     assert "Searches the encyclopedia" in prompt
     for tag in ("<reasoning>", "<tool>", "<result>", "<answer>"):
         assert prompt.count(tag) == 1, tag
-    msgs = tool_env.initial_messages("Q?", tools)
+    msgs = tool_env.ToolEnv(tools).initial_messages({"question": "Q?"})
     assert [m["role"] for m in msgs] == ["system", "user"] and msgs[-1]["content"] == "Question: Q?"
-    msgs = tool_env.initial_messages("Q?", tools, fewshot=True)
+    msgs = tool_env.ToolEnv(tools, tool_env.FEWSHOT).initial_messages({"question": "Q?"})
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     # the demonstration's tool call is well-formed
     assert parse_tool_call(msgs[2]["content"]) == ("wiki_search", {"query": "Japan internet country code"})
@@ -267,7 +267,7 @@ def test_env_never_raises(tools, junk):
 
 
 def test_fewshot_demo_result_does_not_count_against_the_limit(tools):
-    msgs = tool_env.initial_messages("What is the capital of Egypt?", tools, fewshot=True)
+    msgs = tool_env.ToolEnv(tools, tool_env.FEWSHOT).initial_messages({"question": "What is the capital of Egypt?"})
     msgs.append({"role": "assistant", "content": good_call("capital of Egypt")})
     step = env_step(msgs, tools)
     assert not step.done and step.reason == "tool"
@@ -290,7 +290,10 @@ def test_two_hop_demonstration_shows_two_real_searches():
     assert demo[2]["content"].startswith("<result>\nJapan - Geography - Elevation\n")  # search 1 finds the bridge
     assert "Japan" in demo[3]["content"] and demo[-1]["content"].endswith("<answer>Biwa-ko</answer>")
     assert all(m["content"].startswith("<reasoning>") for m in demo if m["role"] == "assistant")
-    # initial_messages takes it; the default is still the one-search demonstration
-    msgs = tool_env.initial_messages("Q?", {"wiki_search": search}, fewshot=True, demo=demo)
+    # the two-hop task's environment shows it (tasks.build); the one-hop task the one-search demo
+    import tasks
+    msgs = tasks.build({"task": "factbook-2hop", "fewshot": True}).env.initial_messages({"question": "Q?"})
     assert msgs[1:-1] == demo and msgs[-1]["content"] == "Question: Q?"
-    assert tool_env.initial_messages("Q?", {}, fewshot=True)[1:-1] == tool_env.FEWSHOT == tool_env.DEMOS["one-hop"]
+    one = tasks.build({"task": "factbook", "fewshot": True}).env
+    assert one.initial_messages({"question": "Q?"})[1:-1] == tool_env.FEWSHOT and one.max_tool_calls == 1
+    assert tasks.build({"task": "factbook-2hop"}).env.max_tool_calls == 2

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import logprobs
 import models
 import precision
 import sampler
 import train
-from conftest import in_dtype, run_scripted, run_update, two_groups
+from conftest import TEST_RUBRIC, in_dtype, run_scripted, run_update, train_main, two_groups
 
 
 def train_args(tiny_path, out, steps, extra=(), device="cpu"):
@@ -29,18 +30,6 @@ def train_args(tiny_path, out, steps, extra=(), device="cpu"):
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(l) for l in f]
-
-
-def fake_scores(episodes):
-    """A deterministic reward that depends on the sampled tokens, so that a random
-    tiny model gets non-zero advantages and really updates (rewards.py is tested
-    on its own)."""
-    for i, e in enumerate(episodes):
-        sampled = [t for t, m in zip(e.token_ids, e.loss_mask) if m]
-        e.turn_rewards = [float(sampled[0] % 2)]
-        e.outcome_reward = i % 2 + 0.1 * (sum(sampled) % 3)  # i % 2: never a zero-variance group of 2
-        e.components = {"tool_execution": 0.0, "search_has_answer": 0.0, "exact_match": 0.0,
-                        "contains_answer": 0.0, "format": 0.0, "xml": 0.0}
 
 
 # ------------------------------------------------------------------ train.update
@@ -90,18 +79,17 @@ def test_dropout_is_off_in_sampling_and_update(tiny_gpt2_dropout, tokenizer, too
 
 
 def test_spread_covers_the_split():
-    assert train.spread(10, 4) == [0, 2, 5, 7]
-    assert train.spread(3, 5) == [0, 1, 2]
-    assert train.spread(6, 6) == [0, 1, 2, 3, 4, 5]
+    assert data.spread(10, 4) == [0, 2, 5, 7]
+    assert data.spread(3, 5) == [0, 1, 2]
+    assert data.spread(6, 6) == [0, 1, 2, 3, 4, 5]
 
 
 def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
-    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
-    assert train.main(train_args(path, tmp_path / "full", 3)) == 0
+    assert train_main(train_args(path, tmp_path / "full", 3)) == 0
     out = capsys.readouterr().out  # the run ends with the held-out table: before (step 0) and after (step 3)
     assert "before and after training" in out and "step 0 " in out and "step 3 " in out
-    assert train.main(train_args(path, tmp_path / "cut", 2)) == 0
+    assert train_main(train_args(path, tmp_path / "cut", 2)) == 0
     # "crash" after step 2, in the worst places: between save_checkpoint's two renames
     # (only checkpoint.old and a half checkpoint.tmp left) and while writing a log line
     cut_dir = tmp_path / "cut"
@@ -111,9 +99,9 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
         f.write('{"step": 3, "tool_execu')
     # a changed setting is refused, naming it (the old optimizer state would keep the old lr)
     with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.01"):
-        train.main(train_args(path, cut_dir, 3, ["--resume", "--lr", "1e-2"]))
+        train_main(train_args(path, cut_dir, 3, ["--resume", "--lr", "1e-2"]))
     # resume to step 3 (--steps may change)
-    assert train.main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
+    assert train_main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
     assert not (cut_dir / "checkpoint.old").exists() and not (cut_dir / "checkpoint.tmp").exists()
     full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
     # step 0: the evaluation before training, logged once (not again on --resume)
@@ -144,7 +132,7 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     assert vars(train.parse_args(command[2:] + ["--output-dir", str(cut_dir)])) == expected
     # a finished run is not silently overwritten
     with pytest.raises(SystemExit, match="already has a run"):
-        train.main(train_args(path, tmp_path / "cut", 3))
+        train_main(train_args(path, tmp_path / "cut", 3))
 
 
 def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):
@@ -156,10 +144,9 @@ def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypat
     import torch.serialization
 
     _, path = tiny
-    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     out = tmp_path / "run"
     quick = ["--eval-every", "0", "--probe-questions", "0"]
-    assert train.main(train_args(path, out, 1, quick)) == 0
+    assert train_main(train_args(path, out, 1, quick)) == 0
     file = out / "checkpoint" / "trainer_state.pt"
     state = torch.load(file, weights_only=False)
     state["rng"][0].update(generator=torch.tensor([0] * 16, dtype=torch.uint8), generator_device="cuda")
@@ -169,7 +156,7 @@ def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(file, weights_only=False)  # what loading it without map_location does here
     capsys.readouterr()
-    assert train.main(train_args(path, out, 2, [*quick, "--resume"])) == 0
+    assert train_main(train_args(path, out, 2, [*quick, "--resume"])) == 0
     printed = capsys.readouterr().out
     assert "delete" not in printed
     notes = [line for line in printed.splitlines() if line.startswith("note:")]
@@ -179,13 +166,12 @@ def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypat
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
-    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     out = tmp_path / "run"
     (out / "evals").mkdir(parents=True)  # what a kill during step 1 leaves: the step-0 evaluation, no checkpoint
     (out / "log.jsonl").write_text('{"step": 0, "eval_exact_match": 0.5}\n')
     (out / "evals" / "step0000.json").write_text("{}")
     for extra in ([], ["--resume"]):  # a plain rerun and --resume both start over
-        assert train.main(train_args(path, out, 1, extra)) == 0
+        assert train_main(train_args(path, out, 1, extra)) == 0
         assert "starting over" in capsys.readouterr().out
         assert [r["step"] for r in read_log(out)] == [0, 1] and read_log(out)[0]["eval_exact_match"] != 0.5
         shutil.rmtree(out / "checkpoint")  # back to "no checkpoint" for the next round
@@ -194,9 +180,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, mo
         import tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(SystemExit, match="pip install tensorboard"):
-            train.main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"]))
+            train_main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"]))
     else:
-        assert train.main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"])) == 0
+        assert train_main(train_args(path, tmp_path / "tb", 1, ["--log", "tensorboard"])) == 0
         assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb" / "tb"))
 
 
@@ -239,9 +225,8 @@ def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
 
 def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkeypatch, device):
     _, path = tiny
-    monkeypatch.setattr(sampler, "score_episodes", fake_scores)
     out = tmp_path / "bf16"
-    assert train.main(train_args(path, out, 2, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0"], device)) == 0
+    assert train_main(train_args(path, out, 2, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0"], device)) == 0
     assert json.loads((out / "config.json").read_text())["resolved_precision"] == "bf16"
     from transformers import AutoModelForCausalLM
 
@@ -255,7 +240,7 @@ def test_bf16_training_checkpoints_float32_master_weights(tiny, tmp_path, monkey
     assert float((w - w0).abs().max()) < 4 * 1e-6 * 1.1
     assert float((w.to(torch.bfloat16).float() != w).float().mean()) > 0.9  # not a bf16 model's weights
     # resume continues from the float32 master weights
-    assert train.main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"], device)) == 0
+    assert train_main(train_args(path, out, 3, ["--precision", "bf16", "--lr", "1e-6", "--eval-every", "0", "--resume"], device)) == 0
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # step 0: the probe of the initial policy
 
 
@@ -282,21 +267,22 @@ def test_bf16_in_training_evaluation_equals_evaluate_py(tiny, tmp_path, monkeypa
     """The greedy evaluation train.py logs and evaluate.py's scoring of the checkpoint it
     saved at that step score one policy: the same metrics and the same trajectories, down
     to every sampled token's log-prob (added to both's trajectory records here: a bf16
-    inv_freq moves the tiny model's log-probs without flipping its greedy tokens)."""
+    inv_freq moves the tiny model's log-probs without flipping its greedy tokens).
+    evaluate.py is given the run alone: task, corpus, split, the spread of its questions
+    and the rollout settings all come from the run's config.json."""
     import evaluate
 
     _, path = tiny
     records = evaluate.trajectory_records
     monkeypatch.setattr(evaluate, "trajectory_records", lambda name, eps: [
         {**r, "token_ids": e.token_ids, "sample_logp": e.sample_logp} for r, e in zip(records(name, eps), eps)])
-    monkeypatch.setattr(sampler, "score_episodes", fake_scores)  # for both: training updates, both score alike
     task = ["--task", "triviaqa:fixtures/triviaqa", "--corpus", "fixtures/triviaqa/corpus.jsonl"]
     out = tmp_path / "run"
-    assert train.main(train_args(path, out, 1, [*task, "--precision", "bf16", "--eval-every", "1", "--eval-split",
-                                                "train", "--eval-questions", "0", "--max-turn-tokens", "24",
+    assert train_main(train_args(path, out, 1, [*task, "--precision", "bf16", "--eval-every", "1", "--eval-split",
+                                                "train", "--eval-questions", "2", "--max-turn-tokens", "24",
                                                 "--probe-questions", "0"])) == 0
-    assert evaluate.main(["--model", str(out), *task, "--split", "train", "--limit", "0", "--precision", "bf16",
-                          "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    assert evaluate.main(["--model", str(out), "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "eval")],
+                         rubric=TEST_RUBRIC) == 0
     logged = json.loads((out / "evals" / "step0001.json").read_text())["results"]
     scored = json.loads((tmp_path / "eval.json").read_text())["results"][str(out)]
     assert {k: scored[k] for k in logged} == logged

@@ -181,13 +181,16 @@ def system_prompt(tools: dict[str, Callable]) -> str:
     """The system prompt in the paper's format (docs/paper.md §1); each tag is
     explained exactly once."""
     tool_docs = "\n\n".join(describe_tool(fn) for fn in tools.values())
-    example = next(iter(tools)) if tools else "tool_name"
+    example, arg = "tool_name", "argument"
+    if tools:  # the example call is the first tool's, with its own first argument
+        example, fn = next(iter(tools.items()))
+        arg = next(iter(inspect.signature(fn).parameters), arg)
     return (
         "You answer questions. You have access to these tools:\n\n"
         f"{tool_docs}\n\n"
         "Work in steps. In each step, first think inside <reasoning>...</reasoning>.\n"
         "Then either call one tool by writing a JSON object inside <tool>...</tool>, like\n"
-        f'{{"name": "{example}", "args": {{"query": "..."}}}}\n'
+        f'{{"name": "{example}", "args": {{"{arg}": "..."}}}}\n'
         f"and you will get its output inside {RESULT_OPEN}...{RESULT_CLOSE}, or, when you know it,\n"
         "give the final short answer inside <answer>...</answer>."
     )
@@ -244,21 +247,6 @@ FEWSHOT_2HOP = [
     {"role": "assistant",
      "content": "<reasoning>The result says the largest lake is Biwa-ko.</reasoning>\n<answer>Biwa-ko</answer>"},
 ]
-
-# The demonstrations by name (sampler.RolloutConfig.demo)
-DEMOS = {"one-hop": FEWSHOT, "two-hop": FEWSHOT_2HOP}
-
-
-def initial_messages(question: str, tools: dict[str, Callable], fewshot: bool = False,
-                     demo: list[dict] | None = None) -> list[dict]:
-    """The conversation before the first assistant turn; with `fewshot`, the
-    demonstration `demo` (default FEWSHOT, one search) before the question."""
-    msgs = [{"role": "system", "content": system_prompt(tools)}]
-    if fewshot:
-        msgs += FEWSHOT if demo is None else demo
-    msgs.append({"role": "user", "content": f"{QUESTION_PREFIX} {question}"})
-    return msgs
-
 
 # ----------------------------------------------------------------------------------
 # Tool calls
@@ -483,6 +471,36 @@ def env_step(
         return EnvStep(True, "tool_limit")
     result = run_tool_call(text, tools)
     return EnvStep(False, "tool", {"role": "user", "content": f"{RESULT_OPEN}\n{result}\n{RESULT_CLOSE}"})
+
+
+class Environment(typing.Protocol):
+    """What the sampler needs from a task's environment (sampler.sample_episodes): the
+    conversation before the first assistant turn, and the rules after each one. Any
+    object with these two methods plugs in; ToolEnv is the paper's."""
+
+    def initial_messages(self, row: dict) -> list[dict]: ...
+
+    def step(self, messages: list[dict], truncated: bool = False) -> EnvStep: ...
+
+
+@dataclass
+class ToolEnv:
+    """The paper's environment: a system prompt that lists `tools` (typed Python
+    functions), an optional demonstration before the question (`demo`, a list of
+    messages), and env_step's rules with at most `max_tool_calls` tool results per
+    episode. A row needs a "question"; the rest of it is the rubric's business."""
+
+    tools: dict[str, Callable]
+    demo: list[dict] | None = None
+    max_tool_calls: int = 1
+
+    def initial_messages(self, row: dict) -> list[dict]:
+        msgs = [{"role": "system", "content": system_prompt(self.tools)}]
+        msgs += [dict(m) for m in self.demo or []]
+        return msgs + [{"role": "user", "content": f"{QUESTION_PREFIX} {row['question']}"}]
+
+    def step(self, messages: list[dict], truncated: bool = False) -> EnvStep:
+        return env_step(messages, self.tools, self.max_tool_calls, truncated)
 
 
 # ----------------------------------------------------------------------------------

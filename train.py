@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import corpus
 import data
 import evaluate
 import logprobs
@@ -54,6 +53,7 @@ import precision
 import probe
 import sampler
 import sharding
+import tasks
 import tool_env
 
 
@@ -70,10 +70,17 @@ class UpdateConfig:
     tis_cap: float = 2.0  # cap C of the truncated importance-sampling weight (0: off)
     grad_clip: float = 0.1
     micro_batch_tokens: int = 512  # padded tokens per forward/backward; bounds activation memory
+    temperature: float = 0.9  # the sampler's: log-probs are of the tempered distribution
+    max_sampled: int = 256  # the most tokens an episode may sample (Dr. GRPO's constant)
 
     @classmethod
     def from_dict(cls, d: dict) -> "UpdateConfig":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        """From argparse's namespace or a run's config.json; max_sampled follows from the
+        turn budget: max_tool_calls + 1 turns of max_turn_tokens."""
+        out = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if d.get("max_turn_tokens") and d.get("max_tool_calls"):
+            out["max_sampled"] = d["max_turn_tokens"] * (d["max_tool_calls"] + 1)
+        return cls(**out)
 
 
 def _numbers_as_values(argv: list[str]) -> list[str]:
@@ -121,7 +128,7 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=R.temperature)
     a("--top-k", type=int, default=R.top_k, help="0: the whole vocabulary")
     a("--max-turn-tokens", type=int, default=R.max_turn_tokens)
-    a("--max-tool-calls", type=int, default=R.max_tool_calls)
+    a("--max-tool-calls", type=int, default=None, help="tool results per episode (default: 1; 2 for factbook-2hop)")
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
@@ -149,7 +156,10 @@ def parse_args(argv=None):
     args = p.parse_args(_numbers_as_values(sys.argv[1:] if argv is None else list(argv)))
     if args.fewshot is None:
         args.fewshot = args.model in models.EMBEDDED
-    for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "micro_batch_tokens", "save_every"):
+    if args.max_tool_calls is None:
+        args.max_tool_calls = tasks.default_tool_calls(args.task)
+    for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "max_tool_calls",
+                 "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_questions < 0 or args.eval_every < 0 or args.probe_questions < 0:
@@ -204,14 +214,6 @@ def questions_for_step(n_rows: int, step: int, k: int, seed: int) -> list[int]:
     return out
 
 
-def spread(n_rows: int, k: int) -> list[int]:
-    """k row indices spread evenly over n_rows (all if k >= n_rows). The factbook splits
-    are grouped by country, so the first k questions would cover only a few countries."""
-    if k >= n_rows:
-        return list(range(n_rows))
-    return [i * n_rows // k for i in range(k)]
-
-
 def episode_stats(episodes: list[sampler.Episode]) -> dict:
     """Means of every reward component and the tool-use rates of a batch."""
     n = len(episodes)
@@ -220,7 +222,8 @@ def episode_stats(episodes: list[sampler.Episode]) -> dict:
     stats["R_T"] = sum(e.turn_reward for e in episodes) / n
     stats["R_O"] = sum(e.outcome_reward for e in episodes) / n
     stats["tool_call_rate"], stats["tool_success"] = sampler.tool_use_rates(episodes)
-    stats["em"] = stats["exact_match"]
+    if "exact_match" in stats:  # the paper's rubric: em, its short name in the progress bar
+        stats["em"] = stats["exact_match"]
     stats["turns"] = sum(e.num_turns for e in episodes) / n
     stats["sampled_tokens"] = sum(sum(e.loss_mask) for e in episodes) / n
     stats["episode_tokens"] = sum(len(e.token_ids) for e in episodes) / n
@@ -229,10 +232,63 @@ def episode_stats(episodes: list[sampler.Episode]) -> dict:
     return stats
 
 
-def update(model, master, optimizer, scheduler, episodes, advantages, cfg: UpdateConfig,
-           rollout: sampler.RolloutConfig, pad_id: int, ref_model=None, shared_prefix: bool = True) -> dict:
-    """`cfg.mu` optimizer steps on the clipped loss over all episodes, accumulating
-    gradients over micro-batches; the loss normalizer is that of the whole batch.
+class UpdateStats:
+    """The bookkeeping of one update, kept out of its loop: token-weighted means of the
+    loss terms, the clip and ratio statistics of iterations 1..mu-1 (iteration 0's ratio
+    is exactly 1: it cannot clip), the sampler/trainer gap of iteration 0."""
+
+    def __init__(self):
+        self.t = Counter()
+        self.diff_sum = self.diff_max = 0.0
+        self.ent_sum = self.tok_sum = 0.0  # of the current iteration
+
+    def micro_batch(self, it: int, loss, st: dict, ent, pos, b, w) -> None:
+        n_tok = float(b.loss_mask.sum())
+        t = self.t
+        t["loss"] += loss.item()
+        t["kl"] += st["kl"] * n_tok
+        if it > 0:
+            t["clip_frac"] += st["clip_frac"] * n_tok
+            t["ratio_min"] = min(t.get("ratio_min", 1.0), st["ratio_min"])
+            t["ratio_max"] = max(t.get("ratio_max", 1.0), st["ratio_max"])
+        else:
+            t["is_weight_min"] = min(t.get("is_weight_min", 1.0), float(w[pos].min()) if pos.any() else 1.0)
+        self.ent_sum += float(ent[pos].sum())
+        self.tok_sum += n_tok
+
+    def sampler_gap(self, old, b, pos) -> None:
+        """|trainer - sampler| log-prob of the trained tokens, before any optimizer step."""
+        d = (old - b.sample_logp)[pos].abs()
+        if d.numel():
+            self.diff_sum, self.diff_max = self.diff_sum + float(d.sum()), max(self.diff_max, float(d.max()))
+
+    def optimizer_step(self, grad_norm, lr: float) -> None:
+        self.t["grad_norm"] += float(grad_norm)
+        self.t["entropy"] += self.ent_sum / max(self.tok_sum, 1)
+        self.t["tokens"] += self.tok_sum
+        self.ent_sum = self.tok_sum = 0.0
+        self.lr = lr  # the lr this optimizer step used
+
+    def summary(self, mu: int, trained: int, n_micro: int) -> tuple[dict, float]:
+        t, n_first = self.t, self.t["tokens"] / mu
+        later = mu > 1 and trained  # clip_frac and the ratio range exist only with mu > 1
+        return {
+            "loss": t["loss"] / mu, "clip_frac": t["clip_frac"] / max(t["tokens"] - n_first, 1) if later else None,
+            "kl": t["kl"] / max(t["tokens"], 1), "entropy": t["entropy"] / mu if trained else None,
+            "ratio_min": t.get("ratio_min", 1.0) if later else None,
+            "ratio_max": t.get("ratio_max", 1.0) if later else None, "grad_norm": t["grad_norm"] / mu,
+            "logp_diff_mean": self.diff_sum / n_first if n_first else None,
+            "logp_diff_max": self.diff_max if n_first else None,
+            "is_weight_min": t.get("is_weight_min", 1.0),
+            "lr": self.lr, "micro_batches": n_micro, "trained_episodes": trained,
+        }, n_first
+
+
+def update(model, master, optimizer, scheduler, episodes, advantages, cfg: UpdateConfig, pad_id: int,
+           ref_model=None, shared_prefix: bool = True) -> dict:
+    """The inner loop of the paper's Algorithm 1: `cfg.mu` AdamW steps on the clipped
+    loss (mtgrpo.policy_loss) of one batch of episodes, gradients accumulated over
+    micro-batches, the loss normalizer that of the whole batch (every process's).
 
     old_logp (the ratio's denominator) is the training pass's own log-prob before the
     first optimizer step: iteration 0's forward, detached (its ratio is exactly 1), kept
@@ -241,11 +297,8 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     Each question's prompt is forwarded once for its G rollouts (logprobs.Prefix).
     """
     device = next(model.parameters()).device
-    # the most tokens an episode may sample: max_tool_calls + 1 turns (Dr. GRPO's constant)
-    max_sampled = rollout.max_turn_tokens * (rollout.max_tool_calls + 1)
-    # over the episodes of every process: each process's loss is a share of one global mean
     all_masks = [m for masks in gather([e.loss_mask for e in episodes]) for m in masks]
-    normalizer = mtgrpo.loss_normalizer(cfg.aggregation, all_masks, max_sampled)
+    normalizer = mtgrpo.loss_normalizer(cfg.aggregation, all_masks, cfg.max_sampled)
     # With beta = 0, an episode whose advantages are all 0 adds exactly 0 to the
     # gradient (the normalizer above still counts its tokens): skip its passes.
     # Early in training most groups have equal rewards, so this saves a lot.
@@ -255,13 +308,11 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     fsdp = isinstance(master, sharding.ShardedWeights)
     if fsdp:  # --fsdp: every process runs as many passes as the busiest one (idle ones add 0)
         plan = sharding.lockstep_plan(plan, [pad_id] if shared_prefix else [])
-    totals = Counter()
-    saved = {}  # (group, micro-batch) -> old_logp, TIS weights, ref_logp of iteration 0
-    diff_sum = diff_max = 0.0
+    stats = UpdateStats()
+    frozen = {}  # (group, micro-batch) -> iteration 0's old_logp, TIS weights, ref_logp
     model.eval()  # no dropout: the update must score each token as the sampler did
     for it in range(cfg.mu):
         master.zero_grad()
-        ent_sum = tok_sum = 0.0
         for gi, (prefix_ids, chunks) in enumerate(plan):
             prefix = logprobs.Prefix(model, prefix_ids, device, through_output=fsdp)
             ref_prefix = None
@@ -274,36 +325,23 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
                     continue
                 b = logprobs.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
                 pos = b.loss_mask.bool()  # log-probs only where the loss needs them
-                logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, rollout.temperature, True, pos, prefix)
+                logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, cfg.temperature, True, pos, prefix)
                 if it == 0:
-                    old = logp.detach()
-                    ref = None
+                    old, ref = logp.detach(), None
                     if ref_model is not None:
                         with torch.no_grad():
-                            ref, _ = logprobs.token_logprobs(ref_model, b.input_ids, b.attention_mask, rollout.temperature,
+                            ref, _ = logprobs.token_logprobs(ref_model, b.input_ids, b.attention_mask, cfg.temperature,
                                                            False, pos, ref_prefix)
-                    saved[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
-                    d = (old - b.sample_logp)[pos].abs()
-                    if d.numel():
-                        diff_sum, diff_max = diff_sum + float(d.sum()), max(diff_max, float(d.max()))
-                old, w, ref = saved[gi, ci]
+                    frozen[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
+                    stats.sampler_gap(old, b, pos)
+                old, w, ref = frozen[gi, ci]
                 loss, st = mtgrpo.policy_loss(
                     logp, old, b.advantages, b.loss_mask, eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta,
                     ref_logp=ref, aggregation=cfg.aggregation, normalizer=normalizer, is_weights=w,
                 )
                 loss.backward()
                 master.collect_grads()  # float32 accumulation over micro-batches
-                n_tok = float(b.loss_mask.sum())
-                totals["loss"] += loss.item()
-                totals["kl"] += st["kl"] * n_tok
-                if it > 0:  # iteration 0's ratio is exactly 1: only later iterations can clip
-                    totals["clip_frac"] += st["clip_frac"] * n_tok
-                    totals["ratio_min"] = min(totals.get("ratio_min", 1.0), st["ratio_min"])
-                    totals["ratio_max"] = max(totals.get("ratio_max", 1.0), st["ratio_max"])
-                if it == 0:
-                    totals["is_weight_min"] = min(totals.get("is_weight_min", 1.0), float(w[pos].min()) if pos.any() else 1.0)
-                ent_sum += float(ent[pos].sum())
-                tok_sum += n_tok
+                stats.micro_batch(it, loss, st, ent, pos, b, w)
             prefix.backward()  # the group's prompt: its gradient, once
             master.collect_grads()
         if fsdp:  # the engine has summed every backward's gradients over the processes (reduce-scatter)
@@ -311,25 +349,11 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
         else:
             sum_gradients(master.params)
             grad_norm = torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
-        totals["grad_norm"] += float(grad_norm)
-        lr = optimizer.param_groups[0]["lr"]  # the lr this optimizer step uses
+        stats.optimizer_step(grad_norm, optimizer.param_groups[0]["lr"])
         optimizer.step()
         master.push()
         scheduler.step()
-        totals["entropy"] += ent_sum / max(tok_sum, 1)
-        totals["tokens"] += tok_sum
-    mu, n_first = cfg.mu, totals["tokens"] / cfg.mu
-    later = mu > 1 and todo  # clip_frac and the ratio range of iterations 1..mu-1 (none with mu = 1)
-    return reduce_update_stats({
-        "loss": totals["loss"] / mu, "clip_frac": totals["clip_frac"] / max(totals["tokens"] - n_first, 1) if later else None,
-        "kl": totals["kl"] / max(totals["tokens"], 1), "entropy": totals["entropy"] / mu if todo else None,
-        "ratio_min": totals.get("ratio_min", 1.0) if later else None,
-        "ratio_max": totals.get("ratio_max", 1.0) if later else None, "grad_norm": totals["grad_norm"] / mu,
-        # sampler vs trainer log-probs of the trained tokens, before any update
-        "logp_diff_mean": diff_sum / n_first if n_first else None, "logp_diff_max": diff_max if n_first else None,
-        "is_weight_min": totals.get("is_weight_min", 1.0),
-        "lr": lr, "micro_batches": n_micro, "trained_episodes": len(todo),
-    }, n_first)
+    return reduce_update_stats(*stats.summary(cfg.mu, len(todo), n_micro))
 
 
 # how reduce_update_stats combines each key over the processes; the rest (grad_norm, lr)
@@ -470,18 +494,20 @@ def setup_distributed(args) -> tuple[int, int]:
     return rank, n
 
 
-def main(argv=None) -> int:
+def main(argv=None, task: tasks.Task | None = None) -> int:
+    """Train with the flags `argv` (default: the command line). `task`: your own environment,
+    rubric and data (tasks.Task), instead of the one --task names (tasks.build)."""
     args = parse_args(argv)
     ckpt = os.path.join(args.output_dir, "checkpoint")
     log_path = os.path.join(args.output_dir, "log.jsonl")
     try:  # the data first: a wrong --task, --corpus or split fails in a second, before any model is loaded
-        corpus_name = corpus.default_corpus(args.task, args.corpus)  # checks --task too
-        train_rows = data.load_task(args.task, "train")
-        held_out = data.load_task(args.task, args.eval_split) if args.eval_every else None
-        probe_rows = data.load_task(args.task, "validation") if args.probe_questions else None
-        tools = tool_env.make_tools(corpus.load_corpus(corpus_name), args.search_chars)
+        task = task or tasks.build(vars(args))  # the environment and the rubric; checks --task and --corpus
+        train_rows = task.rows("train")
+        held_out = task.rows(args.eval_split) if args.eval_every else None
+        probe_rows = task.rows("validation") if args.probe_questions else None
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    args.max_tool_calls = getattr(task.env, "max_tool_calls", args.max_tool_calls)  # the episode's own limit
     if len(train_rows) == 0:
         sys.exit(f"error: task {args.task!r} has no training questions")
     rank, n_proc = setup_distributed(args)
@@ -548,16 +574,15 @@ def main(argv=None) -> int:
 
     # config.json holds these configs' fields under the same names (the flags')
     rollout, update_cfg = sampler.RolloutConfig.from_dict(vars(args)), UpdateConfig.from_dict(vars(args))
-    eval_rows = None
-    if args.eval_every:
-        eval_rows = [held_out[i] for i in spread(len(held_out), args.eval_questions or len(held_out))]
+    env, rubric = task.env, task.rubric
+    eval_rows = data.spread_rows(held_out, args.eval_questions) if args.eval_every else None
 
     def run_eval(step: int) -> dict:
         """Greedy rollouts on the held-out questions; the metrics (eval_*) go to the log,
         the summary and every rollout to OUTPUT_DIR/evals/stepNNNN.*"""
         t = time.time()
         model.eval()
-        m, eps = evaluate.evaluate(model, tokenizer, eval_rows, tools, rollout)
+        m, eps = evaluate.evaluate(model, tokenizer, eval_rows, env, rubric, rollout)
         os.makedirs(os.path.join(args.output_dir, "evals"), exist_ok=True)
         evaluate.write_eval(os.path.join(args.output_dir, "evals", f"step{step:04d}"),
                             {"step": step, "split": args.eval_split, "task": args.task, "limit": len(eval_rows),
@@ -582,8 +607,7 @@ def main(argv=None) -> int:
         eval_rows = None  # rank 0 evaluates (greedy, deterministic); the others wait at the next all-reduce
     the_probe = probe_before = None
     if probe_rows and rank == 0:  # every process holds the same policy: one probes it
-        the_probe = probe.build_probe(tokenizer, [probe_rows[i] for i in spread(len(probe_rows), args.probe_questions)],
-                                      tools, args.fewshot)
+        the_probe = probe.build_probe(tokenizer, data.spread_rows(probe_rows, args.probe_questions), env)
     with whole_model(probe_rows or (args.eval_every and start == 0)):
         if the_probe:
             probe_before = probe.probe_logprobs(model, the_probe)  # the policy the first update starts from
@@ -603,15 +627,15 @@ def main(argv=None) -> int:
         rows = rows[rank::n_proc]  # this process's share; a question's G rollouts stay together
         model.eval()
         with whole_model():
-            episodes = sampler.sample_episodes(model, tokenizer, rows, tools, args.group_size, rollout, generator)
+            episodes = sampler.sample_episodes(model, tokenizer, rows, env, args.group_size, rollout, generator)
         t1 = time.time()
         memory = {"memory_sample_gib": cuda_peak_gib(device)}
-        sampler.score_episodes(episodes)
+        for ep in episodes:
+            rubric.score(ep)  # R^T per tool turn, R^O, and their components
         advantages = sampler.episode_advantages(episodes, args.group_size, args.method, turn_coef=args.turn_coef, gamma=args.gamma,
                                                scale=args.scale, merged_fallback=args.merged_fallback)
         t2 = time.time()
-        upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, rollout,
-                     tokenizer.pad_token_id, ref_model)
+        upd = update(model, master, optimizer, scheduler, episodes, advantages, update_cfg, tokenizer.pad_token_id, ref_model)
         t3 = time.time()
         memory["memory_update_gib"] = cuda_peak_gib(device)
         if n_proc > 1:  # the log describes the whole step: every process's episodes
@@ -631,7 +655,8 @@ def main(argv=None) -> int:
                 rec.update(run_eval(step + 1))  # the final model is always evaluated
         if rank == 0:
             write_log(rec)
-        bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}", em=f"{rec['em']:.2f}")
+        bar.set_postfix(reward=f"{rec['R_T'] + rec['R_O']:.3f}", tool=f"{rec['tool_call_rate']:.2f}",
+                        **({"em": f"{rec['em']:.2f}"} if "em" in rec else {}))
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             rngs = gather(checkpoint.rng_state(generator))
             if fsdp:  # every process: the full state dict to rank 0, the optimizer's shards
@@ -651,9 +676,9 @@ def main(argv=None) -> int:
 def before_after(log_path: str, args) -> str:
     """The held-out evaluation before training and at the last step, side by side."""
     with open(log_path) as f:
-        evals = [r for r in map(json.loads, f) if "eval_exact_match" in r]
+        evals = [r for r in map(json.loads, f) if "eval_episodes" in r]
     first, last = evals[0], evals[-1]
-    rows = {f"step {r['step']}": {"episodes": r["eval_episodes"], **{k: r[f"eval_{k}"] for k in evaluate.METRICS}}
+    rows = {f"step {r['step']}": {"episodes": r["eval_episodes"], **{k: r[f"eval_{k}"] for k in evaluate.METRICS if f"eval_{k}" in r}}
             for r in (first, last)}
     head = f"held-out evaluation ({args.eval_split}, {first['eval_episodes']} questions, greedy): before and after training"
     return head + "\n" + evaluate.print_table(rows, echo=False)

@@ -1,6 +1,6 @@
 import sys, json
 sys.path.insert(0, "/work/main")
-import tool_env, data, corpus, models, sampler, evaluate, train
+import tool_env, data, models, sampler, evaluate, tasks
 R, C = tool_env.RESULT_OPEN, tool_env.RESULT_CLOSE
 Q = tool_env.QUESTION_PREFIX
 def demo(q, reason, query, result, reason2, ans):
@@ -21,13 +21,13 @@ V = {
 name = sys.argv[1]
 if V[name] is not None:
     tool_env.FEWSHOT[:] = V[name]
-tools = tool_env.make_tools(corpus.load_corpus("factbook"))
+task = tasks.build({"task": "factbook", "fewshot": True})
+env, rubric = task.env, task.rubric
 if name == "space":
-    print(repr(tools["wiki_search"]("Japan space agency")))
-rows = data.load_task("factbook", "validation")
-rows = [rows[i] for i in train.spread(len(rows), 48)]
+    print(repr(env.tools["wiki_search"]("Japan space agency")))
+rows = data.spread_rows(data.load_task("factbook", "validation"), 48)
 model, tok = models.load_model("smollm2-135m", "cpu")
-m, eps = evaluate.evaluate(model, tok, rows, tools, sampler.RolloutConfig(max_turn_tokens=64, fewshot=True).greedy())
+m, eps = evaluate.evaluate(model, tok, rows, env, rubric, sampler.RolloutConfig(max_turn_tokens=64).greedy())
 print(name, json.dumps({k: round(v, 3) for k, v in m.items() if isinstance(v, float)}))
-m, eps = evaluate.evaluate(model, tok, rows[:24], tools, sampler.RolloutConfig(max_turn_tokens=64, fewshot=True), samples=4)
+m, eps = evaluate.evaluate(model, tok, rows[:24], env, rubric, sampler.RolloutConfig(max_turn_tokens=64), samples=4)
 print(name, "sampled T0.9 x4", json.dumps({k: round(v, 3) for k, v in m.items() if isinstance(v, float)}))
