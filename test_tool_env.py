@@ -2,6 +2,8 @@
 
 import json
 
+import typing
+
 import pytest
 
 import tool_env
@@ -202,7 +204,7 @@ def test_search_budget_and_k():
 
 def test_system_prompt_renders_tools_and_tags(tools):
     prompt = tool_env.system_prompt(tools)
-    assert "wiki_search(query (str), k (int, default 1))" in prompt
+    assert "wiki_search(query: string, k: integer = 1)" in prompt and "  k: how many passages to return (1 to 5)" in prompt
     assert "Searches the encyclopedia" in prompt
     for tag in ("<reasoning>", "<tool>", "<result>", "<answer>"):
         assert prompt.count(tag) == 1, tag
@@ -296,4 +298,34 @@ def test_two_hop_demonstration_shows_two_real_searches():
     assert msgs[1:-1] == demo and msgs[-1]["content"] == "Question: Q?"
     one = tasks.build({"task": "factbook", "fewshot": True}).env
     assert one.initial_messages({"question": "Q?"})[1:-1] == tool_env.FEWSHOT and one.max_tool_calls == 1
-    assert tasks.build({"task": "factbook-2hop"}).env.max_tool_calls == 2
+    import rewards
+    two = tasks.build({"task": "factbook-2hop"})
+    assert two.env.max_tool_calls == 2 and two.rubric is rewards.TWO_HOP_RUBRIC  # a reward per hop
+    assert tasks.build({"task": "factbook"}).rubric is rewards.PAPER_RUBRIC
+
+
+def test_the_prompt_describes_each_tool_from_its_schema():
+    """transformers' get_json_schema reads the signature and the docstring; the example call
+    in the system prompt is the first tool's, with its own first argument; a tool whose
+    schema cannot be read is refused when the environment is built, with the reason."""
+    def convert(amount: float, unit: typing.Literal["km", "mi"] = "km") -> str:
+        """Converts a distance.
+
+        Args:
+            amount: the distance
+            unit: its unit
+        """
+        return str(amount)
+
+    assert tool_env.tool_schema(convert)["parameters"]["properties"]["unit"] == {
+        "type": "string", "enum": ["km", "mi"], "description": "its unit"}
+    prompt = tool_env.ToolEnv({"convert": convert}).initial_messages({"question": "Q?"})[0]["content"]
+    assert "convert(amount: number, unit: string = 'km')\nConverts a distance.\n  amount: the distance\n" in prompt
+    assert '{"name": "convert", "args": {"amount": "..."}}' in prompt and "query" not in prompt
+
+    def undocumented(x: str) -> str:
+        return x
+    with pytest.raises(ValueError, match="tool 'undocumented': .*no docstring"):
+        tool_env.ToolEnv({"undocumented": undocumented})
+    with pytest.raises(ValueError, match="no searchable words"):
+        tool_env.make_tools([{"title": "a", "text": "the"}])

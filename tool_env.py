@@ -89,7 +89,10 @@ class SearchIndex:
         if bm25 is None:
             self.bm25 = bm25s.BM25()
             texts = [f"{p['title']}\n{p['text']}" for p in passages]
-            self.bm25.index(self._tokenize(texts), show_progress=False)
+            tokens = self._tokenize(texts)
+            if not any(tokens):
+                raise ValueError("the passages have no searchable words (only stop words or single letters)")
+            self.bm25.index(tokens, show_progress=False)
 
     def save(self, folder: str) -> None:
         """The index (bm25s's arrays) and the passages (an Arrow table), both memory-mapped by load."""
@@ -165,16 +168,31 @@ def make_tools(corpus, max_chars: int = SEARCH_MAX_CHARS) -> dict[str, Callable]
 # The prompt
 
 
+def tool_schema(fn: Callable) -> dict:
+    """The tool's JSON schema, from its signature and its Google-style docstring, by
+    transformers' own function (what chat templates take as `tools=`)."""
+    from transformers.utils import get_json_schema
+
+    return get_json_schema(fn)["function"]
+
+
 def describe_tool(fn: Callable) -> str:
-    """A tool's entry in the system prompt, from its signature and docstring."""
-    sig = inspect.signature(fn, eval_str=True)
-    args = []
-    for name, p in sig.parameters.items():
-        typ = getattr(p.annotation, "__name__", str(p.annotation))
-        default = "" if p.default is inspect.Parameter.empty else f", default {p.default!r}"
-        args.append(f"{name} ({typ}{default})")
-    doc = inspect.getdoc(fn) or ""
-    return f"{fn.__name__}({', '.join(args)})\n{doc}"
+    """A tool's entry in the system prompt, rendered from its schema (tool_schema):
+
+        wiki_search(query: string, k: integer = 1)
+        Searches the encyclopedia for passages that match the query.
+          query: what to search for, e.g. "capital of Egypt"
+          k: how many passages to return (1 to 5)
+
+    Defaults are not in a JSON schema; they come from the signature."""
+    schema, params = tool_schema(fn), inspect.signature(fn).parameters
+    args, lines = [], []
+    for name, p in schema["parameters"].get("properties", {}).items():
+        default = params[name].default
+        args.append(f"{name}: {p.get('type', 'any')}" + ("" if default is inspect.Parameter.empty else f" = {default!r}"))
+        if p.get("description"):
+            lines.append(f"  {name}: {p['description']}")
+    return "\n".join([f"{schema['name']}({', '.join(args)})", schema.get("description", ""), *lines])
 
 
 def system_prompt(tools: dict[str, Callable]) -> str:
@@ -493,6 +511,16 @@ class ToolEnv:
     tools: dict[str, Callable]
     demo: list[dict] | None = None
     max_tool_calls: int = 1
+
+    def __post_init__(self):
+        for name, fn in self.tools.items():  # a tool the prompt cannot describe fails here, not mid-run
+            if not TOOL_NAME_RE.match(name):
+                raise ValueError(f"tool name {name!r}: use letters, digits and _")
+            try:
+                describe_tool(fn)
+            except Exception as e:  # transformers' TypeHintParsingException, DocstringParsingException
+                raise ValueError(f"tool {name!r}: its schema comes from its type hints and its docstring, "
+                                 f"which must describe every argument (Args: section): {e}") from None
 
     def initial_messages(self, row: dict) -> list[dict]:
         msgs = [{"role": "system", "content": system_prompt(self.tools)}]
