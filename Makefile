@@ -42,15 +42,18 @@ bench-trl: $(STAMP)
 	.venv-trl/bin/python -m pip install -q -r requirements.txt trl==1.16.0
 	$(PY) bench.py
 
-# README "Results": the table (results/compare.md) and the plot (results/compare.png),
-# regenerated from the committed logs of configs/compare.py's runs
+# README "Results": the table (results/compare.md) and the plot (results/compare.png) of
+# recipe v2's comparison (configs/compare.py), where its runs are committed, and recipe v1's
+# (configs/compare_v1.py: results/v1/compare.{md,png}), regenerated from the committed logs
 RUNS := $(wildcard results/runs/*-s*)
+V1 := $(wildcard results/v1/runs/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
 SWEEP := $(wildcard results/sweep/*)
 # and configs/sweep_recipe.py's validation runs that choose recipe v2: results/sweep_recipe.{md,png}
 RECIPE := $(wildcard results/sweep_recipe/*)
 results: $(STAMP)
-	@test -n "$(RUNS)" || { echo "error: no runs in results/runs/ (python configs/compare.py makes them)"; exit 1; }
-	$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare
+	@test -n "$(V1)$(RUNS)" || { echo "error: no runs in results/runs/ or results/v1/runs/ (python configs/compare.py makes them)"; exit 1; }
+	$(if $(RUNS),$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare)
+	$(if $(V1),$(PY) report.py --table $(V1) --plot $(V1) --out results/v1/compare)
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
 	$(if $(RECIPE),$(PY) report.py --table $(RECIPE) --plot $(RECIPE) --out results/sweep_recipe)

@@ -48,7 +48,7 @@ def calculate(expression: str) -> str:
 
 def problem(rng: random.Random, i: int) -> dict:
     a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(2, 9)
-    q = f"Each of {c} shops sells {a} apples in the morning and {b} in the afternoon. How many apples do they sell in all?"
+    q = f"A farm has {c} fields with {a} cows and {b} sheep each. How many animals are on the farm?"
     return {"question_id": f"calc{i}", "question": q, "answer": {"aliases": [str((a + b) * c)]}}
 
 
@@ -63,7 +63,9 @@ def answered_number(ep, row) -> float:
     return float(len(numbers) == 1 and float(numbers[0]) == float(row["answer"]["aliases"][0]))
 
 
-DEMO = [{"role": "user", "content": "Question: Each of 2 farms has 25 cows and buys 17 more. How many cows in all?"},
+# The demonstration asks what the task asks: with another wording ("shops sell apples"), the
+# 135M model answered from memory and never called the tool in 32 sampled rollouts
+DEMO = [{"role": "user", "content": "Question: A farm has 2 fields with 25 cows and 17 sheep each. How many animals are on the farm?"},
         {"role": "assistant", "content": '<reasoning>I should compute (25 + 17) * 2.</reasoning>\n'
                                          '<tool>{"name": "calculate", "args": {"expression": "(25 + 17) * 2"}}</tool>'},
         {"role": "user", "content": "<result>\n84\n</result>"},
@@ -75,6 +77,6 @@ RUBRIC = rewards.Rubric(
 
 if __name__ == "__main__":
     task = tasks.Task(tool_env.ToolEnv({"calculate": calculate}, DEMO), RUBRIC, rows)
-    flags = ["--steps", "10", "--group-size", "4", "--max-turn-tokens", "48", "--eval-questions", "8",
-             "--eval-every", "10", "--output-dir", "runs/calculator", *sys.argv[1:]]
+    flags = ["--steps", "10", "--group-size", "6", "--max-turn-tokens", "96", "--mu", "1", "--eval-questions", "16",
+             "--eval-every", "5", "--output-dir", "runs/calculator", *sys.argv[1:]]
     sys.exit(train.main(flags, task=task))
