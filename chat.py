@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions", default=None, help="a file with one question per line")
     p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
                    help="the demonstration (default: as the run was trained; on for the embedded model)")
-    p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 128")
+    p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 64")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--device", default=None)

@@ -275,7 +275,7 @@ def main(argv=None, rubric=None) -> int:
                    help="the one-shot demonstration (default: as the run was trained; on for the embedded model)")
     p.add_argument("--search-chars", type=int, default=None, help="default: the run's, else 600")
     p.add_argument("--max-tool-calls", type=int, default=None, help="default: the run's, else the task's")
-    p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 128")
+    p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 64")
     p.add_argument("--temperature", type=float, default=None, help="with --samples > 1 or --show; default: the run's, else 0.9")
     p.add_argument("--top-k", type=int, default=None, help="with --samples > 1 or --show; default: the run's, else 50")
     p.add_argument("--out", default="eval", help="output path prefix")

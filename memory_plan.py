@@ -86,9 +86,9 @@ class Settings:
     processes: int = 1
     shard: bool = False
     group_size: int = 8
-    questions_per_step: int = 2
+    questions_per_step: int = 4
     prompt_tokens: int = 256  # system prompt + question (the paper's prompt: ~230 tokens)
-    max_turn_tokens: int = 128
+    max_turn_tokens: int = 64
     max_tool_calls: int = 1
     result_tokens: int = 200  # one tool result with its chat glue: one 600-character passage
     micro_batch_tokens: int = 512
@@ -355,7 +355,7 @@ def parse_args(argv=None):
     a("--processes", type=int, default=1, help="torchrun processes, one GPU each")
     a("--shard", action="store_true", help="FSDP2-style: weights, gradients, master weights, AdamW state / N")
     a("--group-size", type=int, default=8, help="G")
-    a("--questions-per-step", type=int, default=2)
+    a("--questions-per-step", type=int, default=4)
     a("--prompt-tokens", type=int, default=Settings.prompt_tokens)
     a("--max-turn-tokens", type=int, default=R.max_turn_tokens)
     a("--max-tool-calls", type=int, default=1)

@@ -191,7 +191,7 @@ class RolloutConfig:
     temperature 0 is greedy decoding (top_k is then unused). What the prompt holds and
     when an episode ends is the environment's (tool_env.ToolEnv)."""
 
-    max_turn_tokens: int = 128  # sampled tokens per assistant turn
+    max_turn_tokens: int = 64  # sampled tokens per assistant turn (the paper: 512 for a 7B model)
     temperature: float = 0.9
     top_k: int = 50  # 0 = the whole vocabulary
 

@@ -36,7 +36,7 @@ def _update_worker(rank: int, world: int, port: int, tiny_path: str, out: str) -
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     eps, advs = two_groups(torch.Generator().manual_seed(0))  # the same on every process
     mine = slice(3 * rank, 3 * rank + 3)  # G = 3: this process's question
-    upd, grads = run_update(model, eps[mine], advs[mine], ["--micro-batch-tokens", "40"], 0)
+    upd, grads = run_update(model, eps[mine], advs[mine], ["--micro-batch-tokens", "40", "--mu", "2"], 0)
     torch.save({"upd": upd, "grads": grads, "all_reduce_calls": len(calls)}, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -46,7 +46,7 @@ def test_two_processes_give_the_update_of_one(tiny, tmp_path):
 
     model, path = tiny
     eps, advs = two_groups(torch.Generator().manual_seed(0))
-    one, grads = run_update(model, eps, advs, ["--micro-batch-tokens", "40"], 0)
+    one, grads = run_update(model, eps, advs, ["--micro-batch-tokens", "40", "--mu", "2"], 0)
     out = str(tmp_path / "grads")
     mp.spawn(_update_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
@@ -194,7 +194,7 @@ def _adamw_update(model, master, episodes, advs):
 
     opt = train.make_optimizer(master.params, 1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    args = vars(train.parse_args(["--temperature", "1", "--micro-batch-tokens", "40", "--tis-cap", "0"]))
+    args = vars(train.parse_args(["--temperature", "1", "--micro-batch-tokens", "40", "--tis-cap", "0", "--mu", "2"]))
     return train.update(model, master, opt, sched, episodes, advs, train.UpdateConfig.from_dict(args), 0)
 
 
