@@ -151,7 +151,10 @@ def test_a_hanging_tool_times_out_and_the_episode_goes_on():
     out = run_tool_call('<tool>{"name": "hang", "args": {"query": "x"}}</tool>', {"hang": hang}, timeout=0.2)
     assert out == "Error: hang timed out: no result after 0.2 s"
     assert time.time() - t < 5
-    release.set()  # let the thread end
+    # the environment's own limit: the episode goes on with the error as its result
+    step = tool_env.ToolEnv({"hang": hang}, timeout=0.2).step(chat('<tool>{"name": "hang", "args": {"query": "x"}}</tool>'))
+    assert not step.done and step.message["content"] == "<result>\nError: hang timed out: no result after 0.2 s\n</result>"
+    release.set()  # let the threads end
 
 
 def test_a_tool_that_raises_anything_is_an_error_result():

@@ -468,6 +468,7 @@ def env_step(
     tools: dict[str, Callable],
     max_tool_calls: int = 1,
     truncated: bool = False,
+    timeout: float = TOOL_TIMEOUT_S,
 ) -> EnvStep:
     """The episode rules (docs/paper.md §1) as a function of the messages so far,
     the last of which is the assistant turn just sampled.
@@ -487,7 +488,7 @@ def env_step(
         return EnvStep(True, "no_action")
     if count_tool_results(messages) >= max_tool_calls:
         return EnvStep(True, "tool_limit")
-    result = run_tool_call(text, tools)
+    result = run_tool_call(text, tools, timeout)
     return EnvStep(False, "tool", {"role": "user", "content": f"{RESULT_OPEN}\n{result}\n{RESULT_CLOSE}"})
 
 
@@ -506,11 +507,13 @@ class ToolEnv:
     """The paper's environment: a system prompt that lists `tools` (typed Python
     functions), an optional demonstration before the question (`demo`, a list of
     messages), and env_step's rules with at most `max_tool_calls` tool results per
-    episode. A row needs a "question"; the rest of it is the rubric's business."""
+    episode, each call answered within `timeout` seconds. A row needs a "question"; the
+    rest of it is the rubric's business."""
 
     tools: dict[str, Callable]
     demo: list[dict] | None = None
     max_tool_calls: int = 1
+    timeout: float = TOOL_TIMEOUT_S
 
     def __post_init__(self):
         for name, fn in self.tools.items():  # a tool the prompt cannot describe fails here, not mid-run
@@ -528,7 +531,7 @@ class ToolEnv:
         return msgs + [{"role": "user", "content": f"{QUESTION_PREFIX} {row['question']}"}]
 
     def step(self, messages: list[dict], truncated: bool = False) -> EnvStep:
-        return env_step(messages, self.tools, self.max_tool_calls, truncated)
+        return env_step(messages, self.tools, self.max_tool_calls, truncated, self.timeout)
 
 
 # ----------------------------------------------------------------------------------
