@@ -143,7 +143,11 @@ def test_a_hanging_tool_times_out_and_the_episode_goes_on():
     release = threading.Event()
 
     def hang(query: str) -> str:
-        """Never answers (until released)."""
+        """Never answers (until released).
+
+        Args:
+            query: anything
+        """
         release.wait(30)
         return "late"
 
