@@ -278,8 +278,7 @@ def tool_ran(episode, row: dict, j: int) -> float:
 def result_has_answer(episode, row: dict, j: int) -> float:
     """§3.1 search result has answer, of turn j: the first passage of its result holds a
     gold alias (whole words). Only the first passage, whatever `k` the call asked for."""
-    passage = _first_passage(turn_result(episode, j))
-    return float(passage is not None and contains_alias(passage, gold(row)))
+    return answer_found(turn_result(episode, j), row)
 
 
 # The paper's rubric with the reference's weights (docs/paper.md §3):
@@ -308,7 +307,8 @@ def bridge_found(result: str, row: dict) -> float:
 
 
 def answer_found(result: str, row: dict) -> float:
-    """Hop 2's score: the call ran and the first passage of its result holds a gold alias."""
+    """The call ran and the first passage of its result holds a gold alias: hop 2's score, and
+    result_has_answer's for any tool turn."""
     passage = _first_passage(result)
     return float(passage is not None and contains_alias(passage, row["answer"]["aliases"]))
 
