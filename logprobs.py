@@ -4,6 +4,7 @@
     token_logprobs      log pi(token) with logits / temperature, the LM head only where needed
     Prefix              a prompt forwarded once for its G rollouts, gradients through it
     plan_micro_batches  the update's forward passes: per group, micro-batches of continuations
+    lean_backward       two cheaper kernels for the update's backward passes (same gradients)
 
 Each episode (sampler.Episode) keeps a loss mask (1 only on sampled tokens); attention
 uses a separate, padding-only mask (the reference used the loss mask as attention mask,
@@ -12,6 +13,8 @@ so the answer could not attend to the tool result: a bug).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -200,3 +203,40 @@ def plan_micro_batches(episodes: list[Episode], indices: list[int], max_tokens: 
         lengths = [len(episodes[i].token_ids) - len(prefix) for i in members]
         plan.append((list(prefix), [[members[j] for j in g] for g in micro_batches(lengths, max_tokens)]))
     return plan
+
+
+@contextlib.contextmanager
+def lean_backward(model, device):
+    """Two changes that make the update's many backward passes (one per micro-batch and
+    one per prompt) cheaper, with the same gradients (docs/performance.md, issue 23):
+
+    - Tied input embedding and LM head (the embedded model, Llama, Qwen): the input
+      embedding's gradient is sparse (only the rows of the batch's tokens), added into the
+      dense gradient that the LM head gives the same tensor. The dense default allocates,
+      zero-fills and adds a vocabulary x width tensor (113 MB for the embedded model) per
+      backward pass. Untied embeddings keep the dense gradient (AdamW takes dense ones).
+    - CPU: grouped-query attention without copying the keys and values to every query
+      head (SDPA's enable_gqa; transformers copies them when an attention mask is passed,
+      because some CUDA kernels need that). Not on CUDA, where the masked GQA kernel is
+      the slow one. The log-probs are bit-identical (test_logprobs.py).
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = isinstance(emb, torch.nn.Embedding) and head is not None and head.weight is emb.weight
+    was_sparse = emb.sparse if tied else None
+    gqa_key, gqa_was = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    cpu = torch.device(device).type == "cpu"
+    try:
+        if tied:
+            emb.sparse = True
+        if cpu:
+            os.environ[gqa_key] = "1"  # read by transformers at every attention call
+        yield
+    finally:
+        if tied:
+            emb.sparse = was_sparse
+        if cpu:
+            if gqa_was is None:
+                os.environ.pop(gqa_key, None)
+            else:
+                os.environ[gqa_key] = gqa_was

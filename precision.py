@@ -112,10 +112,10 @@ class MasterWeights:
         for m, p in zip(self.params, self.model_params):
             if p.grad is None:
                 continue
-            if m.grad is None:
-                m.grad = p.grad.float()
+            if m.grad is None:  # a sparse embedding gradient (logprobs.lean_backward) is made dense once
+                m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
             else:
-                m.grad.add_(p.grad)
+                m.grad.add_(p.grad)  # dense or sparse into the float32 sum
             p.grad = None
 
     def zero_grad(self) -> None:

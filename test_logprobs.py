@@ -2,6 +2,7 @@
 against a full forward, micro-batch accumulation, the plan of forward passes per prompt,
 and the prompt forwarded once per group (Prefix), its gradient included."""
 
+import contextlib
 import math
 
 import pytest
@@ -131,3 +132,74 @@ def test_prefix_gradient_accumulates_in_float32_in_bf16(tiny, device):
         torch.testing.assert_close(leaf.grad, each[0][i] + each[1][i] + each[2][i], atol=0, rtol=1e-6)
     prefix.backward()  # and on into the prompt's forward (bf16 weights' grads)
     assert model.get_input_embeddings().weight.grad is not None
+
+
+def _prefix_pass(model, prompt, chunks, master=None):
+    """One group's passes as train.update runs them: the prompt once (Prefix), each
+    micro-batch's backward, then the prompt's. Returns the log-probs and the gradients."""
+    prefix = logprobs.Prefix(model, prompt, next(model.parameters()).device)
+    out = []
+    for ids in chunks:
+        logp, _ = logprobs.token_logprobs(model, ids, torch.ones_like(ids), prefix=prefix)
+        (-logp.sum()).backward()
+        out.append(logp.detach())
+        if master is not None:
+            master.collect_grads()
+    prefix.backward()
+    if master is not None:
+        master.collect_grads()
+    params = master.params if master is not None else list(model.parameters())
+    return out, [p.grad.clone() for p in params]
+
+
+def test_lean_backward_gives_the_same_log_probs_and_gradients(tiny, device):
+    """lean_backward's sparse embedding gradient and copy-free GQA (the tiny Llama: tied
+    embeddings, 4 query heads on 2 key/value heads): the same log-probs (bit-identical),
+    the same gradients up to float32 summation order, dense at the end (AdamW needs
+    dense ones), and the model and environment restored afterwards."""
+    import copy
+    import os
+
+    model = copy.deepcopy(tiny[0]).to(device)
+    emb = model.get_input_embeddings()
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 1000, (30,), generator=g).tolist()
+    chunks = [torch.randint(0, 1000, (2, 8), generator=g).to(device) for _ in range(2)]
+    ref_lp, ref_g = _prefix_pass(model, prompt, chunks)
+    model.zero_grad(set_to_none=True)
+    with logprobs.lean_backward(model, device):
+        assert emb.sparse  # tied: the embedding's own gradient is sparse ...
+        lp, grads = _prefix_pass(model, prompt, chunks)
+        model.zero_grad(set_to_none=True)
+        ids = chunks[0][:, :4]
+        model.base_model(input_ids=ids).last_hidden_state.sum().backward()
+        assert emb.weight.grad.is_sparse  # ... where no LM head adds a dense one
+        model.zero_grad(set_to_none=True)
+    assert not emb.sparse and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    for a, b in zip(ref_lp, lp):
+        assert torch.equal(a, b) if str(device) == "cpu" else torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(ref_g, grads):
+        assert b.layout == torch.strided
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_lean_backward_in_bf16_collects_a_sparse_first_gradient(tiny, device):
+    """bf16 (precision.MasterWeights): the model's gradients move into the float32 master
+    after every backward, so the prompt's backward, which reaches the embedding but not the
+    LM head, leaves a sparse gradient; it is added into the master's dense float32 sum."""
+    import copy
+
+    import precision
+
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 1000, (30,), generator=g).tolist()
+    chunks = [torch.randint(0, 1000, (2, 8), generator=g).to(device) for _ in range(2)]
+    runs = []
+    for lean in (False, True):
+        model = copy.deepcopy(tiny[0]).to(device)
+        master = precision.MasterWeights(model, "bf16")
+        with logprobs.lean_backward(model, device) if lean else contextlib.nullcontext():
+            runs.append(_prefix_pass(model, prompt, chunks, master)[1])
+    for a, b in zip(*runs):  # bf16 backward passes, summed in another order: equal to bf16 rounding
+        assert b.dtype == torch.float32 and b.layout == torch.strided
+        assert float((b - a).abs().max()) <= 0.02 * float(a.abs().max())

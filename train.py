@@ -312,48 +312,51 @@ def update(model, master, optimizer, scheduler, episodes, advantages, cfg: Updat
     stats = UpdateStats()
     frozen = {}  # (group, micro-batch) -> iteration 0's old_logp, TIS weights, ref_logp
     model.eval()  # no dropout: the update must score each token as the sampler did
-    for it in range(cfg.mu):
-        master.zero_grad()
-        for gi, (prefix_ids, chunks) in enumerate(plan):
-            prefix = logprobs.Prefix(model, prefix_ids, device, through_output=fsdp)
-            ref_prefix = None
-            if ref_model is not None and it == 0:
-                with torch.no_grad():
-                    ref_prefix = logprobs.Prefix(ref_model, prefix_ids, device)
-            for ci, g in enumerate(chunks):
-                if g is None:  # --fsdp: this process takes part in the others' collectives, adding 0
-                    sharding.idle_pass(model, prefix, pad_id, device)
-                    continue
-                b = logprobs.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
-                pos = b.loss_mask.bool()  # log-probs only where the loss needs them
-                logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, cfg.temperature, True, pos, prefix)
-                if it == 0:
-                    old, ref = logp.detach(), None
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            ref, _ = logprobs.token_logprobs(ref_model, b.input_ids, b.attention_mask, cfg.temperature,
-                                                           False, pos, ref_prefix)
-                    frozen[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
-                    stats.sampler_gap(old, b, pos)
-                old, w, ref = frozen[gi, ci]
-                loss, st = mtgrpo.policy_loss(
-                    logp, old, b.advantages, b.loss_mask, eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta,
-                    ref_logp=ref, aggregation=cfg.aggregation, normalizer=normalizer, is_weights=w,
-                )
-                loss.backward()
-                master.collect_grads()  # float32 accumulation over micro-batches
-                stats.micro_batch(it, loss, st, ent, pos, b, w)
-            prefix.backward()  # the group's prompt: its gradient, once
-            master.collect_grads()
-        if fsdp:  # the engine has summed every backward's gradients over the processes (reduce-scatter)
-            grad_norm = master.clip_grad_norm_(cfg.grad_clip)
-        else:
-            sum_gradients(master.params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
-        stats.optimizer_step(grad_norm, optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        master.push()
-        scheduler.step()
+    # sparse embedding gradients and GQA without copies (logprobs.lean_backward); the sharded
+    # engine (--fsdp) gathers dense gradients, so it keeps the default kernels
+    with contextlib.nullcontext() if fsdp else logprobs.lean_backward(model, device):
+        for it in range(cfg.mu):
+            master.zero_grad()
+            for gi, (prefix_ids, chunks) in enumerate(plan):
+                prefix = logprobs.Prefix(model, prefix_ids, device, through_output=fsdp)
+                ref_prefix = None
+                if ref_model is not None and it == 0:
+                    with torch.no_grad():
+                        ref_prefix = logprobs.Prefix(ref_model, prefix_ids, device)
+                for ci, g in enumerate(chunks):
+                    if g is None:  # --fsdp: this process takes part in the others' collectives, adding 0
+                        sharding.idle_pass(model, prefix, pad_id, device)
+                        continue
+                    b = logprobs.collate([episodes[i] for i in g], [advantages[i] for i in g], pad_id, device, start=len(prefix_ids))
+                    pos = b.loss_mask.bool()  # log-probs only where the loss needs them
+                    logp, ent = logprobs.token_logprobs(model, b.input_ids, b.attention_mask, cfg.temperature, True, pos, prefix)
+                    if it == 0:
+                        old, ref = logp.detach(), None
+                        if ref_model is not None:
+                            with torch.no_grad():
+                                ref, _ = logprobs.token_logprobs(ref_model, b.input_ids, b.attention_mask, cfg.temperature,
+                                                               False, pos, ref_prefix)
+                        frozen[gi, ci] = (old, mtgrpo.tis_weights(old, b.sample_logp, cfg.tis_cap) * b.loss_mask, ref)
+                        stats.sampler_gap(old, b, pos)
+                    old, w, ref = frozen[gi, ci]
+                    loss, st = mtgrpo.policy_loss(
+                        logp, old, b.advantages, b.loss_mask, eps=cfg.eps, eps_high=cfg.eps_high, beta=cfg.beta,
+                        ref_logp=ref, aggregation=cfg.aggregation, normalizer=normalizer, is_weights=w,
+                    )
+                    loss.backward()
+                    master.collect_grads()  # float32 accumulation over micro-batches
+                    stats.micro_batch(it, loss, st, ent, pos, b, w)
+                prefix.backward()  # the group's prompt: its gradient, once
+                master.collect_grads()
+            if fsdp:  # the engine has summed every backward's gradients over the processes (reduce-scatter)
+                grad_norm = master.clip_grad_norm_(cfg.grad_clip)
+            else:
+                sum_gradients(master.params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(master.params, cfg.grad_clip)
+            stats.optimizer_step(grad_norm, optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            master.push()
+            scheduler.step()
     return reduce_update_stats(*stats.summary(cfg.mu, len(todo), n_micro))
 
 
