@@ -164,6 +164,43 @@ def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 102
             "bound_s": per_shape[best]}
 
 
+def decode_variants(model, rows: int = 16, context: int = 400, steps: int = 12, compile_: bool = False) -> dict:
+    """One decode step at `rows` rows after a `context`-token prefill, in the sampler's
+    way (HF eager, sampler._growing_cache) against transformers' StaticCache, eager and
+    (compile_) under torch.compile: the median step time (ms), and whether the greedy
+    tokens and log-probs agree with the sampler's way."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    ids = torch.randint(100, 1000, (rows, context), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run(cache, fwd):
+        times, toks, lps = [], [], []
+        with torch.inference_mode():
+            kw = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+            out = model(input_ids=ids, cache_position=torch.arange(context, device=device), **kw)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for s in range(steps):
+                at = torch.tensor([context + s], device=device)
+                dt, out = timed(lambda: fwd(input_ids=nxt, cache_position=at, position_ids=at.expand(rows, 1), **kw))
+                logits = out.logits[:, -1].float()
+                times.append(dt * 1000)
+                lps.append(torch.log_softmax(logits, -1).amax(-1))
+                nxt = logits.argmax(-1, keepdim=True)
+                toks.append(nxt)
+        return statistics.median(times[2:]), torch.cat(toks, 1), torch.stack(lps, 1)
+
+    ms, toks, lps = run(sampler._growing_cache(), model)
+    out = {"rows": rows, "context": context, "sampler_eager_ms": ms}
+    variants = [("static_eager", model)] + ([("static_compiled", torch.compile(model.forward, dynamic=False))] if compile_ else [])
+    for name, fwd in variants:
+        t0 = time.perf_counter()
+        ms2, toks2, lps2 = run(StaticCache(config=model.config, max_cache_len=context + steps), fwd)
+        out[name] = {"ms": ms2, "speedup": ms / ms2, "same_tokens": bool(torch.equal(toks, toks2)),
+                     "max_logp_diff": float((lps - lps2).abs().max()), "wall_s_with_compile": time.perf_counter() - t0}
+    return out
+
+
 def rl_step(model, master, tok, rows, env, G, turn_tokens, seed, shared_prefix, device, ucfg):
     """One RL step as train.py takes it (sample, then mu optimizer steps), with random
     advantages so that every episode is trained whatever the rewards. lr is 0, so the
@@ -223,6 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=precision.PRECISIONS, help="ours; the baseline is float32")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
     p.add_argument("--naive", action="store_true", help="also time the naive multi-turn sampler (re-template every turn)")
+    p.add_argument("--compile", action="store_true", help="also time a decode step under torch.compile (static cache)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -298,6 +336,7 @@ def main(argv=None) -> int:
         res["memory"]["note"] = "the float32 baseline model stays loaded during our phases and is counted in the RSS"
     res["memory"]["update_peak_over_floor"] = res["memory"]["update_peak_mb"] / floor
     res["decode_step_ms"] = {str(r): decode_step_ms(ours_model, r) for r in (1, 4, 16)}
+    res["decode_variants"] = decode_variants(ours_model, compile_=args.compile)
 
     if args.naive:
         dt, (n, _) = timed(lambda: naive_sample(ours_model, tok, rows, env, G, L, T, K))
@@ -326,6 +365,9 @@ def main(argv=None) -> int:
     lines += [f"{'peak memory: sampling / update (MiB)':<46}{m['sample_peak_mb']:>5.0f} /{m['update_peak_mb']:>5.0f}",
               f"{'floor: weights, master, grads, AdamW (MiB)':<46}{floor:>12.0f}",
               f"{'decode step, 1 / 4 / 16 rows (ms)':<46}" + " /".join(f"{v:4.0f}" for v in res["decode_step_ms"].values()),
+              f"{'decode step, 16 rows: sampler / static cache':<46}{res['decode_variants']['sampler_eager_ms']:>5.0f} /"
+              f"{res['decode_variants']['static_eager']['ms']:>5.0f}" + (
+                  f"   compiled {res['decode_variants']['static_compiled']['ms']:.0f} ms" if args.compile else ""),
               f"{'tokens per step: sampled / whole episodes':<46}{o['sampled_tokens']:>5.0f} /{o['episode_tokens']:>5.0f}"]
     if args.naive:
         lines.append(f"{'sampling tok/s: ours / naive':<46}{res['naive_sampler']['ours_tok_s']:>5.1f} /{res['naive_sampler']['tok_s']:>5.1f}")

@@ -170,19 +170,30 @@ def _head_on_positions_ok(model) -> bool:
     return ok
 
 
-def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped so that each group's padded size (count x longest) stays
-    within `max_tokens`; sorted by length so padding is small."""
+PASS_COST = 64  # what one more forward+backward pass costs, in padded tokens (bench.py, docs/performance.md)
+
+
+def micro_batches(lengths: list[int], max_tokens: int, pass_cost: int = PASS_COST) -> list[list[int]]:
+    """Indices grouped into micro-batches, each within `max_tokens` padded tokens (count x
+    longest; a longer sequence is a micro-batch of its own). Sorted by length, the split
+    points minimize padded tokens + pass_cost x passes (dynamic programming over the
+    sorted lengths): a group's continuations range from a 15-token answer to a 170-token
+    tool turn, and padding them all to the longest wasted a third of the update's tokens."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
-            groups.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        groups.append(cur)
-    return groups
+    L = [lengths[i] for i in order]
+    best, cut = [0] + [None] * len(L), [0] * (len(L) + 1)  # best[j]: the j shortest, split optimally
+    for j in range(1, len(L) + 1):
+        for i in range(j - 1, -1, -1):  # the last micro-batch: sorted i..j-1, padded to L[j-1]
+            if (j - i) * L[j - 1] > max_tokens and j - i > 1:
+                break
+            cost = best[i] + (j - i) * L[j - 1] + pass_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(L)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def plan_micro_batches(episodes: list[Episode], indices: list[int], max_tokens: int,

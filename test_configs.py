@@ -68,3 +68,17 @@ def test_run_all_skips_finished_resumes_and_restarts(started):
                        (["--steps", "2", "--output-dir", "runs/e"], "2")]
     assert not os.path.exists("runs/d/log.jsonl")  # the stale log was removed before the restart
     assert queue_runs.finished("results/b", 2)
+
+
+@pytest.mark.parametrize("driver", ["compare", "compare_v1", "compare_2hop"])
+def test_every_driven_command_parses(driver):
+    """Each driver's train.py commands are valid: a mistyped flag fails here, not hours
+    into a queue of runs."""
+    import importlib
+
+    import train
+
+    jobs = importlib.import_module(driver).jobs()
+    assert len({name for name, _ in jobs}) == len(jobs)  # one output folder each
+    for _, argv in jobs:
+        train.parse_args(argv)

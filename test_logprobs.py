@@ -69,7 +69,32 @@ def test_micro_batch_accumulation_equals_one_batch(tiny, tokenizer, device):
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     # sorted by length 5, 7, 9, 12: 5 and 7 pad to 2 x 7 = 14 <= 20; 3 x 9 > 20; 2 x 12 > 20
-    assert logprobs.micro_batches([5, 9, 12, 7], 20) == [[0, 3], [1], [2]]
+    assert logprobs.micro_batches([5, 9, 12, 7], 20, pass_cost=64) == [[0, 3], [1], [2]]
+
+
+def test_micro_batches_minimize_padding_plus_passes():
+    # a group's continuations (the benchmark's, sorted): with one pass costing 64 tokens,
+    # [15 15 28 34 36] [112 129] [167] costs 5 x 36 + 2 x 129 + 167 + 3 x 64 = 797, less than
+    # filling 512-token batches ([5 shortest] [112 129 167]: 180 + 3 x 167 + 2 x 64 = 809)
+    lengths = [129, 15, 167, 28, 15, 112, 36, 34]
+    assert logprobs.micro_batches(lengths, 512, pass_cost=64) == [[1, 4, 3, 7, 6], [5, 0], [2]]
+    assert logprobs.micro_batches(lengths, 512, pass_cost=0) == [[i] for i in (1, 4, 3, 7, 6, 5, 0, 2)]
+    assert logprobs.micro_batches(lengths, 100, pass_cost=1000) == [[1, 4, 3], [7, 6], [5], [0], [2]]  # fewest passes: 3 x 28, 2 x 36 <= 100
+    # against every split of the sorted lengths (brute force), random cases
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        lens = torch.randint(1, 60, (7,), generator=g).tolist()
+        cap, cost = int(torch.randint(60, 200, (1,), generator=g)), int(torch.randint(0, 80, (1,), generator=g))
+        L = sorted(lens)
+
+        def total(groups):
+            return sum(len(gr) * max(lens[i] for i in gr) + cost for gr in groups)
+
+        best = min(sum((len(L[a:b]) * L[b - 1] + cost for a, b in zip((0,) + cuts, cuts + (7,))), 0)
+                   for m in range(64) for cuts in [tuple(k + 1 for k in range(6) if m >> k & 1)]
+                   if all((b - a) * L[b - 1] <= cap or b - a == 1 for a, b in zip((0,) + cuts, cuts + (7,))))
+        groups = logprobs.micro_batches(lens, cap, pass_cost=cost)
+        assert sorted(i for gr in groups for i in gr) == list(range(7)) and total(groups) == best
 
 
 def test_plan_groups_rollouts_by_prompt():
