@@ -47,6 +47,8 @@ bench-trl: $(STAMP)
 # (configs/compare_v1.py: results/v1/compare.{md,png}), regenerated from the committed logs
 RUNS := $(wildcard results/runs/*-s*)
 V1 := $(wildcard results/v1/runs/*-s*)
+# and configs/compare_2hop.py's two-hop runs (issue 24), where committed: results/compare_2hop.{md,png}
+HOP2 := $(wildcard results/runs_2hop/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
 SWEEP := $(wildcard results/sweep/*)
 # and configs/sweep_recipe.py's validation runs that choose recipe v2: results/sweep_recipe.{md,png}
@@ -55,5 +57,6 @@ results: $(STAMP)
 	@test -n "$(V1)$(RUNS)" || { echo "error: no runs in results/runs/ or results/v1/runs/ (python configs/compare.py makes them)"; exit 1; }
 	$(if $(RUNS),$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare)
 	$(if $(V1),$(PY) report.py --table $(V1) --plot $(V1) --out results/v1/compare)
+	$(if $(HOP2),$(PY) report.py --table $(HOP2) --plot $(HOP2) --out results/compare_2hop)
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
 	$(if $(RECIPE),$(PY) report.py --table $(RECIPE) --plot $(RECIPE) --out results/sweep_recipe)

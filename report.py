@@ -128,6 +128,8 @@ def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
 TABLE_COLS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool success"),
               ("search_has_answer", "search has answer"), ("exact_match", "EM"),
               ("contains_answer", "contains"), ("format", "format"))
+# the two-hop task's (rewards.TWO_HOP_RUBRIC) hops, as columns where every evaluation has them
+HOP_COLS = (("bridge_found", "search 1 found bridge"), ("search2_has_answer", "search 2 has answer"))
 
 
 def _cell(vals: list[float]) -> str:
@@ -140,11 +142,13 @@ def results_table(run_dirs: list[str]) -> str:
     training (every run's step-0 evaluation) and each label at its last evaluated step.
     Cells are the mean over the runs and, where they differ, their (min-max)."""
     groups = group_runs(run_dirs)
-    head = ["model", "runs", "step"] + [t for _, t in TABLE_COLS] + ["wall time / run"]
+    evaluated = [r for logs in groups.values() for log in logs for r in log if "eval_exact_match" in r]
+    cols = TABLE_COLS + tuple(c for c in HOP_COLS if evaluated and all(f"eval_{c[0]}" in r for r in evaluated))
+    head = ["model", "runs", "step"] + [t for _, t in cols] + ["wall time / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    start = [r for logs in groups.values() for log in logs for r in log if r["step"] == 0 and "eval_exact_match" in r]
+    start = [r for r in evaluated if r["step"] == 0]
     if start:
-        cells = [_cell([r[f"eval_{k}"] for r in start]) for k, _ in TABLE_COLS]
+        cells = [_cell([r[f"eval_{k}"] for r in start]) for k, _ in cols]
         lines.append("| " + " | ".join(["base model", str(len(start)), "0"] + cells + ["-"]) + " |")
     for label, logs in groups.items():
         evals = [[r for r in log if "eval_exact_match" in r and r["step"] > 0] for log in logs]
@@ -153,7 +157,7 @@ def results_table(run_dirs: list[str]) -> str:
         last = [e[-1] for e in evals]
         if len({r["step"] for r in last}) > 1:
             raise ValueError(f"{label}: seeds end at different steps {sorted(r['step'] for r in last)}")
-        cells = [_cell([r[f"eval_{k}"] for r in last]) for k, _ in TABLE_COLS]
+        cells = [_cell([r[f"eval_{k}"] for r in last]) for k, _ in cols]
         minutes = [sum(r.get(t, 0.0) for r in log for t in ("time_sample", "time_score", "time_update", "time_eval")) / 60
                    for log in logs]
         lines.append("| " + " | ".join([label, str(len(logs)), str(last[0]["step"])] + cells

@@ -75,3 +75,15 @@ def test_seed_grouping_and_results_table(tmp_path):
     _write_log(tmp_path / "late-s1", [_eval(0, 0.1, 0.2), {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
     with pytest.raises(ValueError, match="different steps"):
         report.results_table([str(tmp_path / "late-s0"), str(tmp_path / "late-s1")])
+
+
+def test_results_table_has_the_hop_columns_when_every_evaluation_has_them(tmp_path):
+    hops = {"eval_bridge_found": 0.25, "eval_search2_has_answer": 0.125}
+    _write_log(tmp_path / "mt-s0", [_eval(0, 0.0, 0.5, **hops), _eval(10, 0.2, 1.0, eval_bridge_found=0.75,
+                                                                     eval_search2_has_answer=0.5)])
+    lines = report.results_table([str(tmp_path / "mt-s0")]).splitlines()
+    assert lines[0].endswith("| format | search 1 found bridge | search 2 has answer | wall time / run |")
+    assert lines[2] == "| base model | 1 | 0 | 0.500 | 1.000 | 0.500 | 0.000 | 0.000 | 0.500 | 0.250 | 0.125 | - |"
+    assert lines[3].startswith("| mt | 1 | 10 | 1.000 | 1.000 | 0.500 | 0.200 | 0.200 | 0.500 | 0.750 | 0.500 |")
+    _write_log(tmp_path / "or-s0", [_eval(0, 0.0, 0.5), _eval(10, 0.1, 1.0)])  # a one-hop run: no hop columns
+    assert "bridge" not in report.results_table([str(tmp_path / "mt-s0"), str(tmp_path / "or-s0")])
