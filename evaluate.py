@@ -60,6 +60,8 @@ def evaluate(model, tokenizer, rows, env, rubric, rollout: sampler.RolloutConfig
     call_rate, success = sampler.tool_use_rates(episodes)
     metrics = {"episodes": n, "tool_call_rate": call_rate, "tool_success": success,
                **{k: sum(e.components[k] for e in episodes) / n for k in episodes[0].components}}
+    if getattr(env, "max_tool_calls", 1) > 1:  # a K-call task: each call's rate and success too
+        metrics.update(sampler.per_call_success(episodes, env.max_tool_calls))
     return metrics, episodes
 
 

@@ -129,7 +129,8 @@ TABLE_COLS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool succe
               ("search_has_answer", "search has answer"), ("exact_match", "EM"),
               ("contains_answer", "contains"), ("format", "format"))
 # the two-hop task's (rewards.TWO_HOP_RUBRIC) hops, as columns where every evaluation has them
-HOP_COLS = (("bridge_found", "search 1 found bridge"), ("search2_has_answer", "search 2 has answer"))
+HOP_COLS = (("call1_success", "search 1 ran"), ("bridge_found", "search 1 found bridge"), ("call2_rate", "second search"),
+            ("call2_success", "search 2 ran"), ("search2_has_answer", "search 2 has answer"))
 
 
 def _cell(vals: list[float]) -> str:

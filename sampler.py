@@ -411,6 +411,18 @@ def tool_use_rates(episodes: list[Episode]) -> tuple[float, float]:
     return len(called) / len(episodes), success / max(len(called), 1)
 
 
+def per_call_success(episodes: list[Episode], calls: int) -> dict[str, float]:
+    """Tool use by call, for K-call tasks (the two-hop task's hops): for j = 1..calls,
+    call{j}_rate, the fraction of episodes that made a j-th call (the environment answered
+    it), and call{j}_success, the fraction of those whose j-th call ran (no "Error:")."""
+    out = {}
+    for j in range(1, calls + 1):
+        made = [r[j - 1] for r in (tool_env.tool_results(e.messages) for e in episodes) if len(r) >= j]
+        out[f"call{j}_rate"] = len(made) / len(episodes)
+        out[f"call{j}_success"] = sum(not t.startswith(rewards.ERROR_PREFIX) for t in made) / max(len(made), 1)
+    return out
+
+
 def episode_advantages(episodes: list[Episode], group_size: int, method: str, **kwargs) -> list[torch.Tensor]:
     """mtgrpo.compute_advantages for scored episodes (in groups of `group_size`
     consecutive ones); one tensor per episode, aligned with its token_ids."""

@@ -15,6 +15,10 @@ def test_evaluate_metrics_and_show_rendering(tiny, tokenizer, tools, tmp_path):
                                      sampler.RolloutConfig(max_turn_tokens=8))
     assert metrics["episodes"] == 2 and set(evaluate.METRICS) <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in evaluate.METRICS)
+    assert "call1_rate" not in metrics  # a one-call task: no per-call columns
+    two, _ = evaluate.evaluate(model, tokenizer, Q, tool_env.ToolEnv(tools, max_tool_calls=2), rewards.PAPER_RUBRIC,
+                               sampler.RolloutConfig(max_turn_tokens=8))
+    assert two["call1_rate"] == two["tool_call_rate"] and {"call1_success", "call2_rate", "call2_success"} <= set(two)
     # a scripted two-turn rollout, rendered with its mt-grpo advantages
     eps = run_scripted(model, tokenizer, tools, ["capital of Egypt", None, "Egypt", None])
     for e in eps:

@@ -191,3 +191,20 @@ def test_a_turn_ends_at_the_templates_end_of_turn_token_when_eos_differs(tiny, t
     assert e.token_ids[end1 - len(call) - len(glue) + 1 : end1] == call + glue[1:]  # one <|im_end|>: the model's
     assert sampler.turn_end_ids(model, tok) == {tok.eos_token_id, im_end}
     assert sampler.turn_end_ids(tiny[0], tokenizer) == {im_end}  # the embedded tokenizer: one token, as before
+
+
+def test_per_call_success_counts_each_call_among_the_episodes_that_made_it():
+    """Two-hop tool use by call: the rate of episodes that made call j, and the share of
+    those whose call j ran (its result is no "Error:")."""
+    def ep(*results):
+        msgs = [{"role": "user", "content": tool_env.QUESTION_PREFIX + " q"}]
+        for r in results:
+            msgs += [{"role": "assistant", "content": "<tool>...</tool>"},
+                     {"role": "user", "content": f"{tool_env.RESULT_OPEN}{r}{tool_env.RESULT_CLOSE}"}]
+        return sampler.Episode({}, msgs)
+
+    eps = [ep("a", "b"), ep("a", "Error: no such tool"), ep("Error: bad json"), ep()]
+    got = sampler.per_call_success(eps, 2)
+    # call 1: made by 3 of 4, ran in 2 of those 3; call 2: made by 2 of 4, ran in 1 of 2
+    assert got == pytest.approx({"call1_rate": 0.75, "call1_success": 2 / 3, "call2_rate": 0.5, "call2_success": 0.5})
+    assert sampler.per_call_success([ep()], 1) == {"call1_rate": 0.0, "call1_success": 0.0}
