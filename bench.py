@@ -117,22 +117,34 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def decode_step_ms(model, rows: int, context: int = 400, steps: int = 8) -> float:
-    """Median time of one cached decode step for `rows` sequences after a `context`-token
-    prefill: how the cost of a sampling step grows with the batch."""
+def greedy_decode(model, rows: int, cache, fwd=None, context: int = 400, steps: int = 8, skip: int = 0):
+    """Greedy decode steps for `rows` random sequences after a `context`-token prefill, in
+    `cache`, each step by `fwd` (default: the model): (median step time in ms over the steps
+    after the first `skip`, the tokens, each step's top log-prob)."""
     device = next(model.parameters()).device
     model.eval()
-    ids = torch.randint(100, 1000, (rows, context), device=device)
-    times = []
+    fwd = fwd or model
+    ids = torch.randint(100, 1000, (rows, context), generator=torch.Generator().manual_seed(0)).to(device)
+    times, toks, lps = [], [], []
     with torch.inference_mode():
-        cache = sampler._growing_cache()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kw = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+        out = model(input_ids=ids, cache_position=torch.arange(context, device=device), **kw)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(steps):
-            dt, out = timed(lambda: model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1))
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for s in range(steps):
+            at = torch.tensor([context + s], device=device)
+            dt, out = timed(lambda: fwd(input_ids=nxt, cache_position=at, position_ids=at.expand(rows, 1), **kw))
+            logits = out.logits[:, -1].float()
             times.append(dt * 1000)
-    return statistics.median(times)
+            lps.append(torch.log_softmax(logits, -1).amax(-1))
+            nxt = logits.argmax(-1, keepdim=True)
+            toks.append(nxt)
+    return statistics.median(times[skip:]), torch.cat(toks, 1), torch.stack(lps, 1)
+
+
+def decode_step_ms(model, rows: int) -> float:
+    """Median time of one cached decode step for `rows` sequences (the sampler's cache):
+    how the cost of a sampling step grows with the batch."""
+    return greedy_decode(model, rows, sampler._growing_cache())[0]
 
 
 def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 1024)) -> dict:
@@ -164,38 +176,21 @@ def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 102
             "bound_s": per_shape[best]}
 
 
-def decode_variants(model, rows: int = 16, context: int = 400, steps: int = 12, compile_: bool = False) -> dict:
-    """One decode step at `rows` rows after a `context`-token prefill, in the sampler's
-    way (HF eager, sampler._growing_cache) against transformers' StaticCache, eager and
-    (compile_) under torch.compile: the median step time (ms), and whether the greedy
-    tokens and log-probs agree with the sampler's way."""
+def decode_variants(model, rows: int = 16, steps: int = 12, compile_: bool = False) -> dict:
+    """One decode step at `rows` rows, in the sampler's way (HF eager, sampler._growing_cache)
+    against transformers' StaticCache, eager and (compile_) under torch.compile: the median
+    step time (ms, the first 2 steps left out: compiling), and whether the greedy tokens and
+    log-probs agree with the sampler's way."""
     from transformers import StaticCache
 
-    device = next(model.parameters()).device
-    ids = torch.randint(100, 1000, (rows, context), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def run(cache, fwd):
-        times, toks, lps = [], [], []
-        with torch.inference_mode():
-            kw = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
-            out = model(input_ids=ids, cache_position=torch.arange(context, device=device), **kw)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            for s in range(steps):
-                at = torch.tensor([context + s], device=device)
-                dt, out = timed(lambda: fwd(input_ids=nxt, cache_position=at, position_ids=at.expand(rows, 1), **kw))
-                logits = out.logits[:, -1].float()
-                times.append(dt * 1000)
-                lps.append(torch.log_softmax(logits, -1).amax(-1))
-                nxt = logits.argmax(-1, keepdim=True)
-                toks.append(nxt)
-        return statistics.median(times[2:]), torch.cat(toks, 1), torch.stack(lps, 1)
-
-    ms, toks, lps = run(sampler._growing_cache(), model)
+    context = 400
+    ms, toks, lps = greedy_decode(model, rows, sampler._growing_cache(), steps=steps, skip=2)
     out = {"rows": rows, "context": context, "sampler_eager_ms": ms}
     variants = [("static_eager", model)] + ([("static_compiled", torch.compile(model.forward, dynamic=False))] if compile_ else [])
     for name, fwd in variants:
         t0 = time.perf_counter()
-        ms2, toks2, lps2 = run(StaticCache(config=model.config, max_cache_len=context + steps), fwd)
+        cache = StaticCache(config=model.config, max_cache_len=context + steps)
+        ms2, toks2, lps2 = greedy_decode(model, rows, cache, fwd, context, steps, skip=2)
         out[name] = {"ms": ms2, "speedup": ms / ms2, "same_tokens": bool(torch.equal(toks, toks2)),
                      "max_logp_diff": float((lps - lps2).abs().max()), "wall_s_with_compile": time.perf_counter() - t0}
     return out
