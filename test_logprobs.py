@@ -228,3 +228,17 @@ def test_lean_backward_in_bf16_collects_a_sparse_first_gradient(tiny, device):
     for a, b in zip(*runs):  # bf16 backward passes, summed in another order: equal to bf16 rounding
         assert b.dtype == torch.float32 and b.layout == torch.strided
         assert float((b - a).abs().max()) <= 0.02 * float(a.abs().max())
+
+
+def test_lean_backward_leaves_gqa_to_transformers_off_the_cpu(tiny):
+    """On CUDA the masked GQA kernel is the slow one: lean_backward switches copy-free GQA
+    on for the CPU only (the device is only named here, nothing runs on it); the sparse
+    embedding gradient is used on every device."""
+    import os
+
+    model = tiny[0]
+    with logprobs.lean_backward(model, "cuda"):
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ and model.get_input_embeddings().sparse
+    with logprobs.lean_backward(model, "cpu"):
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    assert not model.get_input_embeddings().sparse and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
