@@ -198,6 +198,17 @@ def prepare_output_dir(args) -> dict | None:
     return state
 
 
+def saved_config(out_dir) -> dict:
+    """OUTPUT_DIR/config.json as the last sitting wrote it ({} when there is none), read
+    before a resumed run rewrites it: it holds what the flags resolved to on that
+    machine (resolved_precision), which the checkpoint's own config does not."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def load_trainer_state(ckpt: str) -> dict:
     """trainer_state.pt, onto the CPU whatever device saved it (--device may change on
     resume, and under torchrun each process trains on its own GPU):

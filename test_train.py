@@ -164,6 +164,23 @@ def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypat
     assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
+def test_a_run_resumed_where_auto_resolves_otherwise_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """--precision auto follows the machine, and a run may resume on another one (a
+    bf16 CPU, then one without bf16 units): the run goes on in what auto resolves to
+    there, with one note, and each log line names the precision its step trained in."""
+    _, path = tiny
+    out = tmp_path / "run"
+    quick = ["--eval-every", "0", "--probe-questions", "0"]
+    for bf16_units, steps in ((True, 1), (False, 2)):
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: bf16_units)
+        capsys.readouterr()
+        assert train_main(train_args(path, out, steps, [*quick, "--resume"] if steps > 1 else quick)) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "up to 1 trained in bf16" in notes[0] and "goes on in fp32" in notes[0]
+    assert [(r["step"], r["precision"]) for r in read_log(out)] == [(1, "bf16"), (2, "fp32")]
+    assert json.loads((out / "config.json").read_text())["resolved_precision"] == "fp32"
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
     out = tmp_path / "run"

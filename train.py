@@ -573,6 +573,11 @@ def main(argv=None, task: tasks.Task | None = None) -> int:
     if rank == 0:
         if state:
             checkpoint.truncate_log(log_path, start)  # drop lines of steps after the checkpoint
+            before = checkpoint.saved_config(args.output_dir).get("resolved_precision", prec)
+            if before != prec:  # e.g. resumed on a CPU without bf16 units: emulated bf16 would be ~20x slower
+                print(f"note: the steps up to {start} trained in {before}; --precision {args.precision} resolves "
+                      f"to {prec} here, so the run goes on in {prec} (each log line says which: 'precision'; "
+                      f"pass --precision {before} to keep it)")
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:  # on resume: the new --steps etc.
             json.dump({**vars(args), "resolved_precision": prec, "processes": n_proc}, f, indent=2)
 
@@ -646,7 +651,7 @@ def main(argv=None, task: tasks.Task | None = None) -> int:
             pairs = [pair for part in gather(list(zip(episodes, advantages))) for pair in part]
             episodes, advantages = [e for e, _ in pairs], [a for _, a in pairs]
         rec = {"step": step + 1, **episode_stats(episodes), **mean_adv_per_turn(advantages, episodes), **upd,
-               "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2,
+               "time_sample": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2, "precision": prec,
                **({k: v for k, v in memory.items() if v is not None})}
         eval_now = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
         with whole_model(probe_rows or eval_now):
