@@ -15,7 +15,8 @@ policy). Repetition r samples with seed r. Reported: medians over `--repeats`.
 - our update against a bare forward + backward (cross-entropy, whole sequences, our
   precision) on the same tokens, per optimizer iteration;
 - the peer: TRL's GRPOTrainer on the same prompts, G, questions and token budget,
-  single turn (bench_trl.py, run in .venv-trl; `make bench-trl` installs it);
+  single turn (bench_trl.py, run in .venv-trl; `make bench-trl` installs it), in our
+  precision and, when that is bf16, in TRL's default float32 too;
 - peak memory per phase (RSS on CPU, max allocated on CUDA) against the floor:
   (bf16 weights +) float32 master weights + float32 gradients + AdamW state;
 - one decode step at 1 / 4 / 16 rows; `--naive` also times the naive sampler
@@ -341,6 +342,10 @@ def main(argv=None) -> int:
     if trl:
         res["trl"] = trl
         res["ours_over_trl"] = med("ours", "step_s") / trl["rl_step_s"]
+    trl32 = run_trl(args, "fp32") if trl and prec != "fp32" else None  # and against TRL's own default, float32
+    if trl32:
+        res["trl_fp32"] = trl32
+        res["ours_over_trl_fp32"] = med("ours", "step_s") / trl32["rl_step_s"]
 
     o, b = res["ours"], res["today_fp32"]
     lines = [f"device: {res['device']}   config: {json.dumps(res['config'])}",
@@ -356,6 +361,9 @@ def main(argv=None) -> int:
     if trl:
         lines += [f"{'TRL GRPOTrainer step (s), single turn':<46}{trl['rl_step_s']:>12.1f}",
                   f"{'our step / TRL step':<46}{res['ours_over_trl']:>11.2f}x   <= 0.25x"]
+    if trl32:
+        lines += [f"{'TRL step in float32, its default (s)':<46}{trl32['rl_step_s']:>12.1f}",
+                  f"{'our step / TRL float32 step':<46}{res['ours_over_trl_fp32']:>11.2f}x"]
     m = res["memory"]
     lines += [f"{'peak memory: sampling / update (MiB)':<46}{m['sample_peak_mb']:>5.0f} /{m['update_peak_mb']:>5.0f}",
               f"{'floor: weights, master, grads, AdamW (MiB)':<46}{floor:>12.0f}",
