@@ -19,8 +19,10 @@ policy). Repetition r samples with seed r. Reported: medians over `--repeats`.
   precision and, when that is bf16, in TRL's default float32 too;
 - peak memory per phase (RSS on CPU, max allocated on CUDA) against the floor:
   (bf16 weights +) float32 master weights + float32 gradients + AdamW state;
-- one decode step at 1 / 4 / 16 rows; `--naive` also times the naive sampler
-  (re-template the conversation and `generate` every turn).
+- one decode step of the sampler at 1 / 4 / 16 rows, and at 16 rows against the plain HF
+  eager step and a static cache (eager; `--compile`: compiled, and whole sampling calls
+  with `--compile-decode`); `--decode-only` runs these alone; `--naive` also times the
+  naive sampler (re-template the conversation and `generate` every turn).
 
     python bench.py                 # CPU; on a CUDA machine it uses the GPU
     python bench.py --out results/bench_cpu.json
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import resource
@@ -142,10 +145,31 @@ def greedy_decode(model, rows: int, cache, fwd=None, context: int = 400, steps: 
     return statistics.median(times[skip:]), torch.cat(toks, 1), torch.stack(lps, 1)
 
 
+def sampler_decode(model, rows: int, context: int = 400, steps: int = 8, skip: int = 0):
+    """greedy_decode through the sampler's own batch (sampler.DecodeBatch: its cache, its
+    masks), on the same random sequences: (median step ms, the tokens, the top log-probs)."""
+    device = next(model.parameters()).device
+    model.eval()
+    ids = torch.randint(100, 1000, (rows, context), generator=torch.Generator().manual_seed(0)).tolist()
+    times, toks, lps = [], [], []
+    with torch.inference_mode():
+        batch = sampler.DecodeBatch(model, rows, 0)
+        logits = batch.forward(ids)
+        batch.start_decoding()
+        nxt = logits.argmax(-1)
+        for _ in range(steps):
+            dt, logits = timed(lambda: batch.forward([[t] for t in nxt.tolist()]))
+            times.append(dt * 1000)
+            lps.append(torch.log_softmax(logits, -1).amax(-1))
+            nxt = logits.argmax(-1)
+            toks.append(nxt[:, None])
+    return statistics.median(times[skip:]), torch.cat(toks, 1), torch.stack(lps, 1)
+
+
 def decode_step_ms(model, rows: int) -> float:
-    """Median time of one cached decode step for `rows` sequences (the sampler's cache):
-    how the cost of a sampling step grows with the batch."""
-    return greedy_decode(model, rows, sampler._growing_cache())[0]
+    """Median time of one decode step of the sampler for `rows` sequences: how the cost
+    of a sampling step grows with the batch."""
+    return sampler_decode(model, rows, skip=2)[0]
 
 
 def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 1024)) -> dict:
@@ -178,23 +202,53 @@ def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 102
 
 
 def decode_variants(model, rows: int = 16, steps: int = 12, compile_: bool = False) -> dict:
-    """One decode step at `rows` rows, in the sampler's way (HF eager, sampler._growing_cache)
-    against transformers' StaticCache, eager and (compile_) under torch.compile: the median
-    step time (ms, the first 2 steps left out: compiling), and whether the greedy tokens and
-    log-probs agree with the sampler's way."""
+    """One greedy decode step at `rows` rows after a 400-token prefill: the plain HF eager
+    step (the model called with the sampler's growing cache and no mask: what a sampler
+    step cost before issue 23, whenever the batch had no holes) against the sampler's own
+    (sampler.DecodeBatch) and transformers' StaticCache, eager and (compile_) under
+    torch.compile. Each: the median step time (ms, the first 2 steps left out: compiling),
+    its speed-up over the HF eager step, and whether its greedy tokens and log-probs agree."""
     from transformers import StaticCache
 
     context = 400
     ms, toks, lps = greedy_decode(model, rows, sampler._growing_cache(), steps=steps, skip=2)
-    out = {"rows": rows, "context": context, "sampler_eager_ms": ms}
+    out = {"rows": rows, "context": context, "hf_eager_ms": ms}
+
+    def compare(ms2, toks2, lps2, t0):
+        return {"ms": ms2, "speedup": ms / ms2, "same_tokens": bool(torch.equal(toks, toks2)),
+                "max_logp_diff": float((lps - lps2).abs().max()), "wall_s_with_compile": time.perf_counter() - t0}
+
+    out["sampler"] = compare(*sampler_decode(model, rows, context, steps, skip=2), time.perf_counter())
     variants = [("static_eager", model)] + ([("static_compiled", torch.compile(model.forward, dynamic=False))] if compile_ else [])
     for name, fwd in variants:
         t0 = time.perf_counter()
         cache = StaticCache(config=model.config, max_cache_len=context + steps)
-        ms2, toks2, lps2 = greedy_decode(model, rows, cache, fwd, context, steps, skip=2)
-        out[name] = {"ms": ms2, "speedup": ms / ms2, "same_tokens": bool(torch.equal(toks, toks2)),
-                     "max_logp_diff": float((lps - lps2).abs().max()), "wall_s_with_compile": time.perf_counter() - t0}
+        out[name] = compare(*greedy_decode(model, rows, cache, fwd, context, steps, skip=2), t0)
     return out
+
+
+def sampler_compile(model, tok, rows, env, G, turn_tokens, repeats: int) -> dict:
+    """Whole sampling calls (the RL step's rollouts) with and without compile_decode
+    (sampler.StaticDecodeBatch: a static cache and a torch.compile'd step), alternating,
+    each pair with the same seed, after one compiled call to compile: the median seconds,
+    and whether the tokens and log-probs agree."""
+    device = next(model.parameters()).device
+    cfg = sampler.RolloutConfig(max_turn_tokens=turn_tokens, temperature=T, top_k=K)
+    static = dataclasses.replace(cfg, compile_decode=True)
+    run = lambda c, seed: sampler.sample_episodes(model, tok, rows, env, G, c, generator=torch.Generator(device=device).manual_seed(seed))  # noqa: E731
+    compile_s, _ = timed(lambda: run(static, 0))
+    times, same, diff = {"eager_s": [], "compiled_s": []}, True, 0.0
+    for rep in range(repeats):
+        t1, a = timed(lambda: run(cfg, rep))
+        t2, b = timed(lambda: run(static, rep))
+        times["eager_s"].append(t1)
+        times["compiled_s"].append(t2)
+        same &= [e.token_ids for e in a] == [e.token_ids for e in b]
+        if same:
+            diff = max(diff, max(abs(x - y) for e, f in zip(a, b) for x, y in zip(e.sample_logp, f.sample_logp)))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    return {**out, "speedup": out["eager_s"] / out["compiled_s"], "first_call_s_with_compiling": compile_s,
+            "same_tokens": same, "max_logp_diff": diff if same else None, "runs": times}
 
 
 def rl_step(model, master, tok, rows, env, G, turn_tokens, seed, shared_prefix, device, ucfg):
@@ -257,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
     p.add_argument("--naive", action="store_true", help="also time the naive multi-turn sampler (re-template every turn)")
     p.add_argument("--compile", action="store_true", help="also time a decode step under torch.compile (static cache)")
+    p.add_argument("--decode-only", action="store_true",
+                   help="only the decode measurements (with --compile: and whole sampling calls with --compile-decode)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -278,6 +334,9 @@ def main(argv=None) -> int:
            "config": {"model": args.model, "questions": args.questions, "G": G, "max_turn_tokens": L, "mu": args.mu,
                       "fewshot": True, "temperature": T, "top_k": K, "repeats": args.repeats, "precision": prec,
                       "micro_batch_tokens": ucfg.micro_batch_tokens}}
+
+    if args.decode_only:
+        return decode_report(args, res, ours_model, tok, rows, env, G, L)
 
     # --- whole RL steps: today's (float32, every episode forwarded whole) and ours
     # (default precision, each prompt forwarded once per group), alternating per
@@ -331,8 +390,7 @@ def main(argv=None) -> int:
     if prec != "fp32":
         res["memory"]["note"] = "the float32 baseline model stays loaded during our phases and is counted in the RSS"
     res["memory"]["update_peak_over_floor"] = res["memory"]["update_peak_mb"] / floor
-    res["decode_step_ms"] = {str(r): decode_step_ms(ours_model, r) for r in (1, 4, 16)}
-    res["decode_variants"] = decode_variants(ours_model, compile_=args.compile)
+    decode(args, res, ours_model, tok, rows, env, G, L)
 
     if args.naive:
         dt, (n, _) = timed(lambda: naive_sample(ours_model, tok, rows, env, G, L, T, K))
@@ -367,13 +425,44 @@ def main(argv=None) -> int:
     m = res["memory"]
     lines += [f"{'peak memory: sampling / update (MiB)':<46}{m['sample_peak_mb']:>5.0f} /{m['update_peak_mb']:>5.0f}",
               f"{'floor: weights, master, grads, AdamW (MiB)':<46}{floor:>12.0f}",
-              f"{'decode step, 1 / 4 / 16 rows (ms)':<46}" + " /".join(f"{v:4.0f}" for v in res["decode_step_ms"].values()),
-              f"{'decode step, 16 rows: sampler / static cache':<46}{res['decode_variants']['sampler_eager_ms']:>5.0f} /"
-              f"{res['decode_variants']['static_eager']['ms']:>5.0f}" + (
-                  f"   compiled {res['decode_variants']['static_compiled']['ms']:.0f} ms" if args.compile else ""),
+              *decode_lines(args, res),
               f"{'tokens per step: sampled / whole episodes':<46}{o['sampled_tokens']:>5.0f} /{o['episode_tokens']:>5.0f}"]
     if args.naive:
         lines.append(f"{'sampling tok/s: ours / naive':<46}{res['naive_sampler']['ours_tok_s']:>5.1f} /{res['naive_sampler']['tok_s']:>5.1f}")
+    return write(args, res, lines)
+
+
+def decode(args, res: dict, model, tok, rows, env, G, L) -> None:
+    """The decode measurements, into `res`: one step at 1 / 4 / 16 rows, the static-cache
+    variants at 16 rows, and (--compile) whole sampling calls with compile_decode."""
+    res["decode_step_ms"] = {str(r): decode_step_ms(model, r) for r in (1, 4, 16)}
+    res["decode_variants"] = decode_variants(model, compile_=args.compile)
+    if args.compile:
+        res["sampler_compile_decode"] = sampler_compile(model, tok, rows, env, G, L, args.repeats)
+
+
+def decode_lines(args, res: dict) -> list[str]:
+    v = res["decode_variants"]
+    lines = [f"{'sampler decode step, 1 / 4 / 16 rows (ms)':<46}" + " /".join(f"{x:4.0f}" for x in res["decode_step_ms"].values()),
+             f"{'decode step, 16 rows: HF eager / sampler':<46}{v['hf_eager_ms']:>5.0f} /{v['sampler']['ms']:>5.0f}"
+             f"   {v['sampler']['speedup']:.2f}x faster (>= 2x), same tokens: {v['sampler']['same_tokens']}, "
+             f"max |dlogp| {v['sampler']['max_logp_diff']:.1e}",
+             f"{'  static cache (eager / compiled)':<46}{v['static_eager']['ms']:>5.0f}"
+             + (f" /{v['static_compiled']['ms']:>5.0f}" if args.compile else "")]
+    if args.compile:
+        c = res["sampler_compile_decode"]
+        lines.append(f"{'sampling call (s): ours / --compile-decode':<46}{c['eager_s']:>5.1f} /{c['compiled_s']:>5.1f}"
+                     f"   same tokens: {c['same_tokens']}, max |dlogp| {c['max_logp_diff']}")
+    return lines
+
+
+def decode_report(args, res: dict, model, tok, rows, env, G, L) -> int:
+    """--decode-only: the decode measurements alone."""
+    decode(args, res, model, tok, rows, env, G, L)
+    return write(args, res, [f"device: {res['device']}   config: {json.dumps(res['config'])}", *decode_lines(args, res)])
+
+
+def write(args, res: dict, lines: list[str]) -> int:
     print("\n".join(lines))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

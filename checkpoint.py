@@ -155,7 +155,7 @@ def open_board(args):
 
 # Flags a resumed run may change; any other difference from the checkpoint's config is
 # refused (the optimizer state, the RNG streams and the log all assume the old values).
-RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "device", "resume", "output_dir", "log"}
+RESUME_MAY_CHANGE = {"steps", "eval_every", "save_every", "device", "compile_decode", "resume", "output_dir", "log"}
 
 
 def prepare_output_dir(args) -> dict | None:
@@ -194,7 +194,7 @@ def prepare_output_dir(args) -> dict | None:
                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     if changed:
         sys.exit(f"error: --resume with settings that differ from the checkpoint: {', '.join(changed)}. "
-                 f"Only --steps, --eval-every, --save-every, --device and --log may change; use a new --output-dir for the rest")
+                 f"Only --steps, --eval-every, --save-every, --device, --compile-decode and --log may change; use a new --output-dir for the rest")
     return state
 
 

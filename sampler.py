@@ -194,6 +194,7 @@ class RolloutConfig:
     max_turn_tokens: int = 64  # sampled tokens per assistant turn (the paper: 512 for a 7B model)
     temperature: float = 0.9
     top_k: int = 50  # 0 = the whole vocabulary
+    compile_decode: bool = False  # a static KV cache and a torch.compile'd step (StaticDecodeBatch): for GPUs
 
     @classmethod
     def from_dict(cls, d: dict) -> "RolloutConfig":
@@ -232,25 +233,48 @@ class DecodeBatch:
 
     def forward(self, feeds: list[list[int]]) -> torch.Tensor:
         """Feed each row its new tokens; return the next-token logits (rows, V)."""
-        width = max(len(f) for f in feeds)
-        ids = torch.full((len(feeds), width), self.pad, dtype=torch.long, device=self.device)
-        new_mask = torch.zeros(len(feeds), width, dtype=torch.long, device=self.device)
-        for r, f in enumerate(feeds):
-            ids[r, width - len(f) :] = torch.tensor(f, device=self.device)
-            new_mask[r, width - len(f) :] = 1
+        ids, new_mask = self._left_padded(feeds)
         self.attn = torch.cat([self.attn, new_mask], dim=1)
         # positions count real tokens only, so holes do not shift them
         pos = (self.n_real[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=pos,
+        out = self.model(input_ids=ids, attention_mask=self._mask(ids.shape[1]), position_ids=pos,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # only the last position's logits
         self.cache = out.past_key_values
         self.n_real = self.n_real + new_mask.sum(1)
         return out.logits[:, -1, :].float()
 
+    def _mask(self, width: int) -> torch.Tensor:
+        """The attention mask for a step `width` tokens wide. A one-token step on the CPU
+        gets it in 4D (rows, 1, 1, slots), which transformers hands to SDPA as it is:
+        given a 2D mask without holes, transformers drops it and calls SDPA with
+        enable_gqa, whose CPU kernel for a single query was 8x slower in bf16 (5.8 ms
+        against 0.7 ms per layer at 16 rows x 401 slots, AVX512-BF16; the same in
+        float32) than the path a mask takes, the query heads folded onto the key heads
+        (docs/performance.md, issue 23). On CUDA that path is the slow one: left as is."""
+        if width == 1 and self.device.type == "cpu":
+            return self.attn.bool()[:, None, None, :]
+        return self.attn
+
     def repeat(self, n: int) -> None:
         """Each row becomes n consecutive rows (a prompt's cache copied to its G rollouts)."""
         self.cache.batch_repeat_interleave(n)
         self.attn, self.n_real = self.attn.repeat_interleave(n, 0), self.n_real.repeat_interleave(n, 0)
+
+    def _left_padded(self, feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feeds left-padded to one width, and their mask (1 on real tokens): built on
+        the host and copied to the device once, not once per row."""
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), self.pad, dtype=torch.long)
+        new_mask = torch.zeros(len(feeds), width, dtype=torch.long)
+        for r, f in enumerate(feeds):
+            if f:
+                ids[r, width - len(f) :] = torch.tensor(f)
+                new_mask[r, width - len(f) :] = 1
+        return ids.to(self.device), new_mask.to(self.device)
+
+    def start_decoding(self) -> None:
+        """The prompts are prefilled: from here on each row is fed one token a step (and
+        its tool results). Nothing to do here; StaticDecodeBatch fixes its shapes."""
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows: finished episodes stop costing compute."""
@@ -330,6 +354,76 @@ def shared_prefix_len(prompts: list[list[int]], min_len: int = 16) -> int:
     return common if common >= min_len else 0
 
 
+_COMPILED: list = [None, None]  # (model, its compiled forward): the last model sampled with compile_decode
+
+
+def compiled_forward(model):
+    """model.forward under torch.compile, compiled on first use and kept while the same
+    model samples (one slot: a model no longer sampled is not kept alive). The weights
+    are inputs of the compiled graph, so training them needs no recompile."""
+    if _COMPILED[0] is not model:
+        _COMPILED[:] = [model, torch.compile(model.forward, dynamic=False)]
+    return _COMPILED[1]
+
+
+class StaticDecodeBatch(DecodeBatch):
+    """DecodeBatch with shapes that do not change, for torch.compile (RolloutConfig.
+    compile_decode). The prompts are prefilled as in DecodeBatch; then start_decoding moves
+    the cache into transformers' StaticCache, finished rows stay in the batch as holes
+    (fed nothing, attention 0) instead of leaving it, and every one-token step runs the
+    compiled forward (wider steps, the tool results, run eager). Every real token sees the
+    same history as in DecodeBatch: only the kernels differ. It pays where per-step
+    overhead dominates (a GPU: kernel launches); on a 2-core CPU it does not
+    (docs/performance.md). A full cache moves into one twice its size."""
+
+    def __init__(self, model, n_rows: int, pad: int, capacity: int = 1024):
+        super().__init__(model, n_rows, pad)
+        self.capacity = capacity  # cache slots: the longest episode's tokens (grown when short)
+        self.static = self.slots = None  # the StaticCache; the batch row of each live row
+
+    def start_decoding(self) -> None:
+        self.slots = list(range(self.attn.shape[0]))
+        self._move(max(self.capacity, self.attn.shape[1] + 1))
+
+    def _move(self, size: int) -> None:
+        """The keys, values and mask so far into a StaticCache of `size` slots."""
+        from transformers import StaticCache
+
+        old, n = (self.cache, self.attn.shape[1]) if self.static is None else (self.static, self.used)
+        cache = StaticCache(config=self.model.config, max_cache_len=size)
+        k0 = old.layers[0].keys
+        cache.early_initialization(k0.shape[0], k0.shape[1], k0.shape[-1], k0.dtype, self.device)
+        for new, layer in zip(cache.layers, old.layers):
+            new.keys[:, :, :n], new.values[:, :, :n] = layer.keys[:, :, :n], layer.values[:, :, :n]
+            new.cumulative_length.fill_(n)
+        self.static, self.attn = cache, torch.cat([self.attn[:, :n], self.attn.new_zeros(len(self.attn), size - n)], 1)
+        self.used = n  # slots written
+
+    def forward(self, feeds: list[list[int]]) -> torch.Tensor:
+        if self.static is None:
+            return super().forward(feeds)
+        rows = [[] for _ in range(len(self.attn))]  # the finished rows are fed nothing
+        for slot, f in zip(self.slots, feeds):
+            rows[slot] = f
+        ids, new_mask = self._left_padded(rows)
+        width = ids.shape[1]
+        if self.used + width > self.attn.shape[1]:
+            self._move(max(2 * self.attn.shape[1], self.used + width))
+        self.attn[:, self.used : self.used + width] = new_mask  # in place: the compiled step's mask
+        self.used += width
+        pos = (self.n_real[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
+        fwd = compiled_forward(self.model) if width == 1 else self.model
+        out = fwd(input_ids=ids, attention_mask=self.attn, position_ids=pos, past_key_values=self.static,
+                  use_cache=True, logits_to_keep=1)
+        self.n_real = self.n_real + new_mask.sum(1)
+        return out.logits[self.slots, -1, :].float()
+
+    def keep(self, rows: list[int]) -> None:
+        if self.static is None:
+            return super().keep(rows)
+        self.slots = [self.slots[r] for r in rows]  # the others stay, as holes
+
+
 @no_dropout
 @torch.inference_mode()
 def sample_episodes(model, tokenizer, rows: list[dict], env: tool_env.Environment, group_size: int, cfg: RolloutConfig,
@@ -368,12 +462,13 @@ def sample_episodes(model, tokenizer, rows: list[dict], env: tool_env.Environmen
     # 1. prefill what all prompts share (the system prompt and the demonstration) once,
     # then the rest of each distinct prompt, then copy each prompt's cache to its G rollouts
     shared = shared_prefix_len(prompts)
-    batch = DecodeBatch(model, 1 if shared else len(rows), pad)
+    batch = (StaticDecodeBatch if cfg.compile_decode else DecodeBatch)(model, 1 if shared else len(rows), pad)
     if shared:
         batch.forward([prompts[0][:shared]])
         batch.repeat(len(rows))
     logits = batch.forward([p[shared:] for p in prompts]).repeat_interleave(group_size, dim=0)
     batch.repeat(group_size)
+    batch.start_decoding()
     logT = cfg.temperature if cfg.temperature > 0 else 1.0
     while live:
         # 2. sample one token per row (or take the forced one)

@@ -132,6 +132,65 @@ def test_greedy_sampler_equals_plain_sampler(tiny, tokenizer, tools, dtype, devi
         assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
 
 
+def test_static_cache_decode_equals_the_growing_cache(tiny, tokenizer, tools, device, monkeypatch):
+    """compile_decode (StaticDecodeBatch: a StaticCache, finished rows kept as holes, a
+    full cache moved into a bigger one) samples the same tokens with the same log-probs
+    as the default batch: greedy against the plain sampler, and free sampling with the
+    same seed. torch.compile itself runs only on a CUDA device (gpu_check.py), where it
+    is meant to pay; elsewhere the one-token steps run the same static-shape path eager."""
+    import functools
+
+    model = on(tiny[0], device)
+    if not device.startswith("cuda"):
+        monkeypatch.setattr(sampler, "compiled_forward", lambda m: m)
+    calls = []
+    moves = sampler.StaticDecodeBatch._move
+    monkeypatch.setattr(sampler.StaticDecodeBatch, "_move", lambda self, size: calls.append(size) or moves(self, size))
+    # 64 slots: less than a prompt, so the cache starts just big enough and moves as it fills
+    monkeypatch.setattr(sampler, "StaticDecodeBatch", functools.partial(sampler.StaticDecodeBatch, capacity=64))
+    queries = ["capital of Egypt", "highest point Egypt", "Egypt", None]
+    force = [scripted(tokenizer, q)[:-3] if q else [] for q in queries]
+    greedy = sampler.RolloutConfig(max_turn_tokens=48, compile_decode=True).greedy()
+    static = sampler.sample_episodes(model, tokenizer, Q, tool_env.ToolEnv(tools), 2, greedy, force=force)
+    assert any(e.num_turns == 2 for e in static) and len({len(e.token_ids) for e in static}) > 1  # holes
+    for i, ep in enumerate(static):
+        assert ep.token_ids == plain_greedy_episode(model, tokenizer, Q[i // 2], tools, 48, force[i])
+    assert len(calls) >= 2 and calls == sorted(calls)  # started small, then grew
+    env = tool_env.ToolEnv(tools, tool_env.FEWSHOT)
+    runs = [sampler.sample_episodes(model, tokenizer, Q, env, 3, sampler.RolloutConfig(max_turn_tokens=20, temperature=1.0, compile_decode=c),
+                                    generator=torch.Generator(device=device).manual_seed(5)) for c in (False, True)]
+    assert [e.token_ids for e in runs[0]] == [e.token_ids for e in runs[1]]
+    diff = max(abs(a - b) for x, y in zip(*runs) for a, b in zip(x.sample_logp, y.sample_logp))
+    assert diff < 1e-5, diff
+
+
+def test_one_token_steps_on_the_cpu_fold_the_query_heads_instead_of_enable_gqa(tiny, tokenizer, monkeypatch):
+    """A decode step without holes: a 2D mask would be dropped by transformers, and SDPA
+    called with enable_gqa, 8x slower on a bf16 CPU (sampler.DecodeBatch._mask). The 4D
+    mask keeps it on the path that folds the query heads onto the key heads (tiny: 4
+    query heads, 2 key heads), with the same result."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = tiny[0]
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[1], q.shape[2], kw.get("enable_gqa", False)))
+        return real(q, k, v, **kw)
+
+    ids = torch.randint(100, 1000, (3, 9), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        batch = sampler.DecodeBatch(model, 3, 0)
+        batch.forward(ids)
+        monkeypatch.setattr(sdpa.torch.nn.functional, "scaled_dot_product_attention", spy)
+        step = batch.forward([[5], [6], [7]])
+    assert calls == [(2, 2, False)] * model.config.num_hidden_layers  # 2 key heads x 2 folded queries
+    monkeypatch.undo()
+    with torch.inference_mode():  # the same logits as the whole sequences
+        full = model(input_ids=torch.tensor([r + [t] for r, t in zip(ids, (5, 6, 7))])).logits[:, -1].float()
+    assert torch.allclose(step, full, atol=1e-5)
+
+
 def test_top_k_sampling_stays_in_the_top_k():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]] * 200)
     tokens = sampler._sample(logits, 1.0, 2, torch.Generator().manual_seed(0))

@@ -129,6 +129,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=R.temperature)
     a("--top-k", type=int, default=R.top_k, help="0: the whole vocabulary")
     a("--max-turn-tokens", type=int, default=R.max_turn_tokens)
+    a("--compile-decode", action="store_true",
+      help="sample with a static KV cache and a torch.compile'd decode step: for GPUs (slower on a CPU, docs/performance.md)")
     a("--max-tool-calls", type=int, default=None, help="tool results per episode (default: 1; 2 for factbook-2hop)")
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
