@@ -235,10 +235,15 @@ class DecodeBatch:
         """Feed each row its new tokens; return the next-token logits (rows, V)."""
         ids, new_mask = self._left_padded(feeds)
         self.attn = torch.cat([self.attn, new_mask], dim=1)
+        return self._run(self.model, ids, new_mask)
+
+    def _run(self, fwd, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """One forward by `fwd` of the fed ids, whose mask is already in self.attn: the
+        next-token logits of every batch row."""
         # positions count real tokens only, so holes do not shift them
         pos = (self.n_real[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=self._mask(ids.shape[1]), position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # only the last position's logits
+        out = fwd(input_ids=ids, attention_mask=self._mask(ids.shape[1]), position_ids=pos,
+                  past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # only the last position's logits
         self.cache = out.past_key_values
         self.n_real = self.n_real + new_mask.sum(1)
         return out.logits[:, -1, :].float()
@@ -379,7 +384,7 @@ class StaticDecodeBatch(DecodeBatch):
     def __init__(self, model, n_rows: int, pad: int, capacity: int = 1024):
         super().__init__(model, n_rows, pad)
         self.capacity = capacity  # cache slots: the longest episode's tokens (grown when short)
-        self.static = self.slots = None  # the StaticCache; the batch row of each live row
+        self.slots = self.used = None  # once decoding: the batch row of each live row; the slots written
 
     def start_decoding(self) -> None:
         self.slots = list(range(self.attn.shape[0]))
@@ -389,18 +394,18 @@ class StaticDecodeBatch(DecodeBatch):
         """The keys, values and mask so far into a StaticCache of `size` slots."""
         from transformers import StaticCache
 
-        old, n = (self.cache, self.attn.shape[1]) if self.static is None else (self.static, self.used)
+        n = self.attn.shape[1] if self.used is None else self.used
         cache = StaticCache(config=self.model.config, max_cache_len=size)
-        k0 = old.layers[0].keys
+        k0 = self.cache.layers[0].keys
         cache.early_initialization(k0.shape[0], k0.shape[1], k0.shape[-1], k0.dtype, self.device)
-        for new, layer in zip(cache.layers, old.layers):
+        for new, layer in zip(cache.layers, self.cache.layers):
             new.keys[:, :, :n], new.values[:, :, :n] = layer.keys[:, :, :n], layer.values[:, :, :n]
             new.cumulative_length.fill_(n)
-        self.static, self.attn = cache, torch.cat([self.attn[:, :n], self.attn.new_zeros(len(self.attn), size - n)], 1)
-        self.used = n  # slots written
+        self.cache, self.attn = cache, torch.cat([self.attn[:, :n], self.attn.new_zeros(len(self.attn), size - n)], 1)
+        self.used = n
 
     def forward(self, feeds: list[list[int]]) -> torch.Tensor:
-        if self.static is None:
+        if self.slots is None:  # still prefilling
             return super().forward(feeds)
         rows = [[] for _ in range(len(self.attn))]  # the finished rows are fed nothing
         for slot, f in zip(self.slots, feeds):
@@ -411,15 +416,10 @@ class StaticDecodeBatch(DecodeBatch):
             self._move(max(2 * self.attn.shape[1], self.used + width))
         self.attn[:, self.used : self.used + width] = new_mask  # in place: the compiled step's mask
         self.used += width
-        pos = (self.n_real[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)
-        fwd = compiled_forward(self.model) if width == 1 else self.model
-        out = fwd(input_ids=ids, attention_mask=self.attn, position_ids=pos, past_key_values=self.static,
-                  use_cache=True, logits_to_keep=1)
-        self.n_real = self.n_real + new_mask.sum(1)
-        return out.logits[self.slots, -1, :].float()
+        return self._run(compiled_forward(self.model) if width == 1 else self.model, ids, new_mask)[self.slots]
 
     def keep(self, rows: list[int]) -> None:
-        if self.static is None:
+        if self.slots is None:
             return super().keep(rows)
         self.slots = [self.slots[r] for r in rows]  # the others stay, as holes
 
