@@ -185,6 +185,8 @@ def test_one_token_steps_on_the_cpu_fold_the_query_heads_instead_of_enable_gqa(t
         monkeypatch.setattr(sdpa.torch.nn.functional, "scaled_dot_product_attention", spy)
         step = batch.forward([[5], [6], [7]])
     assert calls == [(2, 2, False)] * model.config.num_hidden_layers  # 2 key heads x 2 folded queries
+    batch.device = torch.device("cuda")  # named only: on CUDA the 2D mask stays (its masked path is the slow one)
+    assert batch._mask(1) is batch.attn and batch._mask(3) is batch.attn
     monkeypatch.undo()
     with torch.inference_mode():  # the same logits as the whole sequences
         full = model(input_ids=torch.tensor([r + [t] for r, t in zip(ids, (5, 6, 7))])).logits[:, -1].float()
