@@ -82,3 +82,17 @@ def test_every_driven_command_parses(driver):
     assert len({name for name, _ in jobs}) == len(jobs)  # one output folder each
     for _, argv in jobs:
         train.parse_args(argv)
+
+
+def test_only_picks_runs_in_the_given_order_and_rejects_unknown_names(monkeypatch, capsys):
+    """--only 'b,a' runs b then a and nothing else; a mistyped name stops the driver
+    with one line before anything starts."""
+    jobs = [("a", ["--output-dir", "runs/a"]), ("b", ["--output-dir", "runs/b"]), ("c", ["--output-dir", "runs/c"])]
+    seen = []
+    monkeypatch.setattr(queue_runs, "run_all", lambda js, parallel, results: seen.append([n for n, _ in js]) or 0)
+    assert queue_runs.main("doc", jobs, "results", ["--only", "b,a"]) == 0
+    assert seen == [["b", "a"]]
+    with pytest.raises(SystemExit) as e:
+        queue_runs.main("doc", jobs, "results", ["--only", "b,x"])
+    assert e.value.code == 2
+    assert "unknown run x" in capsys.readouterr().err

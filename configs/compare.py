@@ -13,6 +13,7 @@ and the plot (results/compare.png). Recipe v1's runs: configs/compare_v1.py, res
 
     python configs/compare.py              # the 9 runs, skipping those in results/runs/
     python configs/compare.py --print      # the commands
+    python configs/compare.py --only mt-grpo-s1,grpo-or-s1   # these runs, in this order
 """
 
 import sys

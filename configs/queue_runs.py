@@ -109,16 +109,25 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, results: str, copy
     return failed
 
 
-def main(doc: str, jobs: list[tuple[str, list[str]]], results: str) -> int:
+def main(doc: str, jobs: list[tuple[str, list[str]]], results: str, argv: list[str] | None = None) -> int:
     """The command line of a list of runs (configs/sweep.py, configs/compare.py)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--print", action="store_true", help="print the train.py commands and exit")
     p.add_argument("--parallel", type=int, default=1, help="runs side by side (each gets cores/N threads)")
-    a = p.parse_args()
+    p.add_argument("--only", default="", help="comma-separated run names: only these, in this order "
+                                              "(e.g. the seeds of one method first)")
+    a = p.parse_args(argv)
     if a.parallel < 1:
         p.error(f"--parallel must be at least 1, got {a.parallel}")
+    if a.only:
+        by_name = dict(jobs)
+        names = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            p.error(f"--only: unknown run {', '.join(unknown)}; the runs are {', '.join(by_name)}")
+        jobs = [(n, by_name[n]) for n in names]
     if a.print:
         print("\n".join("python train.py " + " ".join(args) for _, args in jobs))
         return 0
