@@ -43,13 +43,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tool_env import (
-    ERROR_PREFIX,
     PASSAGE_SEP,
     RESULT_CLOSE,
     RESULT_OPEN,
     assistant_messages,
     episode_messages,
     final_answer,
+    is_error,
     tool_results,
 )
 
@@ -97,7 +97,7 @@ def tool_execution_reward(messages: list[dict]) -> float:
     results = tool_results(messages)
     if not results:
         return 0.0
-    ok = sum(not r.startswith(ERROR_PREFIX) for r in results)
+    ok = sum(not is_error(r) for r in results)
     return ok / len(results)
 
 
@@ -267,7 +267,7 @@ def turn_result(episode, j: int) -> str:
 
 def _first_passage(result: str) -> str | None:
     """The first passage of a tool result, or None if the call failed."""
-    return None if result.startswith(ERROR_PREFIX) else result.split(PASSAGE_SEP)[0]
+    return None if is_error(result) else result.split(PASSAGE_SEP)[0]
 
 
 def tool_ran(episode, row: dict, j: int) -> float:

@@ -514,7 +514,7 @@ def per_call_success(episodes: list[Episode], calls: int) -> dict[str, float]:
     for j in range(1, calls + 1):
         made = [r[j - 1] for r in (tool_env.tool_results(e.messages) for e in episodes) if len(r) >= j]
         out[f"call{j}_rate"] = len(made) / len(episodes)
-        out[f"call{j}_success"] = sum(not t.startswith(rewards.ERROR_PREFIX) for t in made) / max(len(made), 1)
+        out[f"call{j}_success"] = sum(not tool_env.is_error(t) for t in made) / max(len(made), 1)
     return out
 
 

@@ -336,3 +336,12 @@ def test_the_prompt_describes_each_tool_from_its_schema():
         tool_env.ToolEnv({"undocumented": undocumented})
     with pytest.raises(ValueError, match="no searchable words"):
         tool_env.make_tools([{"title": "a", "text": "the"}])
+
+
+def test_a_tool_whose_text_starts_like_an_error_is_not_one():
+    """is_error is the one test of a failed call: a successful tool whose own text begins
+    with "Error:" gets a leading space, so it is not counted as a failure."""
+    tools = {"echo": lambda query: f"Error: {query} is a song title"}
+    out = run_tool_call('<tool>{"name": "echo", "args": {"query": "Trial"}}</tool>', tools)
+    assert out == " Error: Trial is a song title" and not tool_env.is_error(out)
+    assert tool_env.is_error(run_tool_call('<tool>{"name": "nope", "args": {}}</tool>', tools))

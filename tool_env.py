@@ -50,6 +50,12 @@ RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"  # around a tool's output (a
 ERROR_PREFIX = "Error:"  # starts a tool result that is a failure, and no other result
 
 
+def is_error(result: str) -> bool:
+    """Whether a tool result (as run_tool_call returns it) is a failure: the one test
+    the rewards and the logs use."""
+    return result.startswith(ERROR_PREFIX)
+
+
 # ----------------------------------------------------------------------------------
 # The search tool
 
@@ -432,7 +438,7 @@ def run_tool_call(text: str, tools: dict[str, Callable], timeout: float = TOOL_T
         return f"{ERROR_PREFIX} {name} returned an unprintable result: {type(e).__name__}"
     if not out.strip():
         return f"{ERROR_PREFIX} {name} returned nothing for these arguments"
-    if out.startswith(ERROR_PREFIX):  # keep the convention unambiguous
+    if is_error(out):  # keep the convention unambiguous
         out = " " + out
     return out
 
