@@ -96,3 +96,27 @@ def test_only_picks_runs_in_the_given_order_and_rejects_unknown_names(monkeypatc
         queue_runs.main("doc", jobs, "results", ["--only", "b,x"])
     assert e.value.code == 2
     assert "unknown run x" in capsys.readouterr().err
+
+
+def test_a_pinned_precision_stops_the_driver_where_it_is_not_the_fast_one(monkeypatch, capsys):
+    """compare.py's runs all train in bf16: on a machine whose --precision auto gives fp32
+    (no bf16 units: bf16 would be emulated) the driver says so in one line and starts
+    nothing; where auto gives bf16 it runs; --print works anywhere."""
+    jobs = [("a", ["--precision", "bf16", "--output-dir", "runs/a"])]
+    started = []
+    monkeypatch.setattr(queue_runs, "run_all", lambda js, parallel, results: started.append(js) or 0)
+    monkeypatch.setattr(queue_runs, "auto_precision", lambda: "fp32")
+    with pytest.raises(SystemExit) as e:
+        queue_runs.main("doc", jobs, "results", [], precision="bf16")
+    assert e.value.code == 2 and "auto gives fp32" in capsys.readouterr().err and not started
+    assert queue_runs.main("doc", jobs, "results", ["--print"], precision="bf16") == 0
+    monkeypatch.setattr(queue_runs, "auto_precision", lambda: "bf16")
+    assert queue_runs.main("doc", jobs, "results", [], precision="bf16") == 0 and started == [jobs]
+
+
+def test_the_comparisons_pin_one_precision():
+    import compare
+    import compare_2hop
+
+    for driver in (compare, compare_2hop):
+        assert all(queue_runs.flag(args, "--precision") == driver.PRECISION == "bf16" for _, args in driver.jobs())

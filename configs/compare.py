@@ -3,7 +3,8 @@
 Recipe v2 (configs/sweep_recipe.py's RECIPE, chosen on the validation split: results/README.md)
 is G = 8, 4 questions per step, mu = 1, lr 3e-5 with 5 steps of warm-up and a cosine decay
 to 0.1 x lr, 64 tokens per turn, the demonstration; 60 steps, 1920 rollouts per run (recipe
-v1: 960). The three methods share every setting but --method, and run with the same seeds.
+v1: 960), in bf16 (PRECISION, below). The three methods share every setting but --method,
+and run with the same seeds.
 Evaluation is greedy on the whole TEST split before training and every 10 steps, so the
 curves are whole. Runs take hours on a 2-core CPU: this driver starts what is missing and
 resumes what is unfinished, so run it again after a kill or in a later sitting, one run at
@@ -24,8 +25,12 @@ from sweep_recipe import RECIPE
 METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
 SEEDS = (0, 1, 2)
 STEPS = 60
-COMMON = RECIPE + ["--steps", str(STEPS), "--eval-every", "10", "--eval-split", "test", "--eval-questions", "0",
-                   "--save-every", "5"]
+# Every run in one precision, bf16 (seed 0 ran in it): a CPU without bf16 units would
+# emulate it ~20x slower, and --precision auto would mix precisions in one table, so the
+# driver stops there (queue_runs.main). results/v2_fp32_partial/ is seed 0 in float32.
+PRECISION = "bf16"
+COMMON = RECIPE + ["--precision", PRECISION, "--steps", str(STEPS), "--eval-every", "10", "--eval-split", "test",
+                   "--eval-questions", "0", "--save-every", "5"]
 
 
 def jobs() -> list[tuple[str, list[str]]]:
@@ -35,4 +40,4 @@ def jobs() -> list[tuple[str, list[str]]]:
 
 
 if __name__ == "__main__":
-    sys.exit(queue_runs.main(__doc__, jobs(), "results/runs"))
+    sys.exit(queue_runs.main(__doc__, jobs(), "results/runs", precision=PRECISION))

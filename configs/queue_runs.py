@@ -109,8 +109,21 @@ def run_all(jobs: list[tuple[str, list[str]]], parallel: int, results: str, copy
     return failed
 
 
-def main(doc: str, jobs: list[tuple[str, list[str]]], results: str, argv: list[str] | None = None) -> int:
-    """The command line of a list of runs (configs/sweep.py, configs/compare.py)."""
+def auto_precision() -> str:
+    """What train.py's --precision auto gives on this machine (its default device)."""
+    sys.path.insert(0, ROOT)
+    import models
+    import precision
+
+    return precision.resolve("auto", models.default_device())
+
+
+def main(doc: str, jobs: list[tuple[str, list[str]]], results: str, argv: list[str] | None = None,
+         precision: str | None = None) -> int:
+    """The command line of a list of runs (configs/sweep.py, configs/compare.py).
+    precision: the one precision every run of the list trains in (their --precision);
+    the driver stops on a machine where that precision is not the fast one, rather than
+    emulate it (bf16 without bf16 units: ~20x slower) or mix precisions in one table."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -128,6 +141,9 @@ def main(doc: str, jobs: list[tuple[str, list[str]]], results: str, argv: list[s
         if unknown:
             p.error(f"--only: unknown run {', '.join(unknown)}; the runs are {', '.join(by_name)}")
         jobs = [(n, by_name[n]) for n in names]
+    if precision and not a.print and auto_precision() != precision:
+        p.error(f"these runs train in {precision} (the committed ones did), but {precision} is not this machine's "
+                f"fast precision (--precision auto gives {auto_precision()}): run them on a machine where it is")
     if a.print:
         print("\n".join("python train.py " + " ".join(args) for _, args in jobs))
         return 0
