@@ -122,17 +122,31 @@ def is_hedge(answer: str) -> bool:
     return len([p for p in _LIST_SEP.split(answer) if normalize_answer(p)]) > 1
 
 
-def contains_answer_reward(messages: list[dict], aliases: list[str], max_words: int = 10) -> float:
+def contains_answer_reward(messages: list[dict], aliases: list[str], max_words: int = 10,
+                           max_extra_words: int | None = None) -> float:
     """1 if a gold alias occurs in the last <answer> as whole words, the answer
     has at most `max_words` words, and it is not a hedge or a list (unless it is
     exactly a gold alias, e.g. "Washington, D.C."). Fixes of the reference's quirk:
-    an answer that pastes a passage, or lists candidates, collects nothing."""
+    an answer that pastes a passage, or lists candidates, collects nothing.
+
+    max_extra_words (recipe v3, off by default): the answer has at most that many words
+    more than the alias it contains, so "Mount Fogo volcano" still counts and a sentence
+    around the gold ("The result says the code is Mt. Fogo.") does not. Without it, that
+    sentence is a trap: it collects 0.5 here, every rollout of a group learns to write it,
+    and no rollout is left to sample the exact answer (MT-GRPO seed 1 of the v2
+    comparison: 112 of 115 test answers by step 30, EM 0)."""
     ans = final_answer(messages)
-    if ans is None or len(normalize_answer(ans).split()) > max_words:
+    if ans is None:
+        return 0.0
+    n = len(normalize_answer(ans).split())
+    if n > max_words:
         return 0.0
     if is_hedge(ans) and not exact_match(ans, aliases):
         return 0.0
-    return float(contains_alias(ans, aliases))
+    if max_extra_words is None:
+        return float(contains_alias(ans, aliases))
+    return float(any(contains_alias(ans, [a]) and n <= len(normalize_answer(a).split()) + max_extra_words
+                     for a in aliases))
 
 
 def _format_score(text: str) -> float:
@@ -281,16 +295,24 @@ def result_has_answer(episode, row: dict, j: int) -> float:
     return answer_found(turn_result(episode, j), row)
 
 
-# The paper's rubric with the reference's weights (docs/paper.md §3):
-#   R^T_j = 0.2 tool_execution + 0.5 search_has_answer of tool turn j
-#   R^O   = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml
-PAPER_RUBRIC = Rubric(
-    turn=[Reward("tool_execution", 0.2, tool_ran), Reward("search_has_answer", 0.5, result_has_answer)],
-    outcome=[Reward("exact_match", 1.0, lambda ep, row: exact_match_reward(ep.messages, gold(row))),
-             Reward("contains_answer", 0.5, lambda ep, row: contains_answer_reward(ep.messages, gold(row))),
-             Reward("format", 0.2, lambda ep, row: format_reward(ep.messages)),
-             Reward("xml", 0.2, lambda ep, row: xml_reward(ep.messages))],
-)
+def paper_rubric(contains_max_extra_words: int | None = None) -> Rubric:
+    """The paper's rubric with the reference's weights (docs/paper.md §3):
+
+        R^T_j = 0.2 tool_execution + 0.5 search_has_answer of tool turn j
+        R^O   = 1.0 exact_match + 0.5 contains_answer + 0.2 format + 0.2 xml
+
+    contains_max_extra_words: contains_answer_reward's max_extra_words (None: off)."""
+    return Rubric(
+        turn=[Reward("tool_execution", 0.2, tool_ran), Reward("search_has_answer", 0.5, result_has_answer)],
+        outcome=[Reward("exact_match", 1.0, lambda ep, row: exact_match_reward(ep.messages, gold(row))),
+                 Reward("contains_answer", 0.5, lambda ep, row: contains_answer_reward(
+                     ep.messages, gold(row), max_extra_words=contains_max_extra_words)),
+                 Reward("format", 0.2, lambda ep, row: format_reward(ep.messages)),
+                 Reward("xml", 0.2, lambda ep, row: xml_reward(ep.messages))],
+    )
+
+
+PAPER_RUBRIC = paper_rubric()
 
 
 # ---------------------------------------------------------------------------------
@@ -315,9 +337,13 @@ def answer_found(result: str, row: dict) -> float:
 
 # Each search is scored by its own hop: R^T_1 = 0.2 tool_execution + 0.5 bridge_found,
 # R^T_j = 0.2 tool_execution + 0.5 search_has_answer for j >= 2 (a retry of hop 2 too)
-TWO_HOP_RUBRIC = Rubric(
-    turn=[Reward("tool_execution", 0.2, tool_ran),
-          Reward("bridge_found", 0.5, lambda ep, row, j: bridge_found(turn_result(ep, j), row) if j == 1 else None),
-          Reward("search_has_answer", 0.5, lambda ep, row, j: answer_found(turn_result(ep, j), row) if j >= 2 else None)],
-    outcome=PAPER_RUBRIC.outcome,
-)
+def two_hop_rubric(contains_max_extra_words: int | None = None) -> Rubric:
+    return Rubric(
+        turn=[Reward("tool_execution", 0.2, tool_ran),
+              Reward("bridge_found", 0.5, lambda ep, row, j: bridge_found(turn_result(ep, j), row) if j == 1 else None),
+              Reward("search_has_answer", 0.5, lambda ep, row, j: answer_found(turn_result(ep, j), row) if j >= 2 else None)],
+        outcome=paper_rubric(contains_max_extra_words).outcome,
+    )
+
+
+TWO_HOP_RUBRIC = two_hop_rubric()

@@ -51,7 +51,8 @@ def default_tool_calls(task: str) -> int:
 def build(config: dict) -> Task:
     """The environment and rubric of a run from its settings: "task", "corpus",
     "search_chars", "fewshot" (None: on for the embedded model, named by "model"),
-    "max_tool_calls" (None: default_tool_calls). Raises ValueError, RuntimeError or
+    "max_tool_calls" (None: default_tool_calls), "contains_max_extra_words" (None: off;
+    rewards.contains_answer_reward). Raises ValueError, RuntimeError or
     FileNotFoundError with a message for the user (an unknown task, a missing corpus)."""
     task = config.get("task") or "factbook"
     source = corpus.default_corpus(task, config.get("corpus"))
@@ -61,5 +62,6 @@ def build(config: dict) -> Task:
         fewshot = config.get("model", "smollm2-135m") in models.EMBEDDED
     demo = (tool_env.FEWSHOT_2HOP if two_hop(task) else tool_env.FEWSHOT) if fewshot else None
     calls = config.get("max_tool_calls") or default_tool_calls(task)
-    rubric = rewards.TWO_HOP_RUBRIC if two_hop(task) else rewards.PAPER_RUBRIC
+    extra = config.get("contains_max_extra_words")  # None: the rubric as the paper weighs it
+    rubric = (rewards.two_hop_rubric if two_hop(task) else rewards.paper_rubric)(extra)
     return Task(tool_env.ToolEnv(tools, demo, calls), rubric, functools.partial(data.load_task, task))

@@ -308,5 +308,47 @@ def test_two_hop_turn_rewards():
     # a third search is scored as hop 2 (a retry of it); logged: the mean over the hop-2 turns
     r, p = score(CALL, HOP1, CALL, HOP1, CALL, HOP2)
     assert r == pytest.approx([0.7, 0.2, 0.7]) and p["search_has_answer"] == 0.5
-    # the outcome is the paper's
-    assert TWO_HOP_RUBRIC.outcome == PAPER_RUBRIC.outcome
+    # the outcome is the paper's: the same rewards and weights, the same R^O
+    assert [(r.name, r.weight) for r in TWO_HOP_RUBRIC.outcome] == [(r.name, r.weight) for r in PAPER_RUBRIC.outcome]
+    msgs = episode(CALL, GOOD_RESULT, answer("It is Mount Catherine"))
+    assert scored(msgs, TWO_HOP_RUBRIC).outcome_reward == scored(msgs).outcome_reward == pytest.approx(0.5 + 0.4)
+
+
+@pytest.mark.parametrize("ans, expected", [
+    ("Mt. Catherine", 1.0),  # the alias itself
+    ("Mount Catherine volcano", 1.0),  # 1 extra word: the limit
+    ("The Mount Catherine", 1.0),  # articles are not words (TriviaQA's normalization)
+    ("It is Mount Catherine", 0.0),  # 2 extra
+    ("The answer is Mount Catherine", 0.0),  # 2 extra ("the" dropped)
+    ("The result says the code is Mt. Catherine.", 0.0),  # recipe v2's trap: 4 extra
+    ("Catherine", 0.0),  # no alias
+])
+def test_contains_answer_with_a_length_limit_relative_to_the_alias(ans, expected):
+    """max_extra_words = 1: at most 1 normalized word more than the alias the answer
+    contains. Without the limit (10-word cap only) all but "Catherine" score 1."""
+    msgs = episode(answer(ans))
+    assert contains_answer_reward(msgs, ALIASES, max_extra_words=1) == expected
+    assert contains_answer_reward(msgs, ALIASES) == float(ans != "Catherine")
+
+
+def test_the_length_limit_is_measured_against_the_alias_the_answer_holds():
+    """An answer holding a 3-word alias (and the 1-word one inside it) gets the 3-word
+    alias's room; one holding only the 1-word alias gets that alias's room."""
+    aliases = ["Fogo", "Pico do Fogo"]
+    assert contains_answer_reward(episode(answer("peak Pico do Fogo")), aliases, max_extra_words=1) == 1.0
+    assert contains_answer_reward(episode(answer("peak of Fogo")), aliases, max_extra_words=1) == 0.0
+    assert contains_answer_reward(episode(answer("Fogo peak")), aliases, max_extra_words=1) == 1.0
+
+
+def test_the_rubric_option_reaches_the_outcome_reward():
+    """tasks.build's contains_max_extra_words gives the paper's rubric (and the two-hop one)
+    that limit: the trap answer's R^O loses the 0.5 of contains_answer, nothing else."""
+    import tasks
+
+    msgs = episode(CALL, GOOD_RESULT, answer("The result says the code is Mt. Catherine."))
+    plain, limited = scored(msgs), scored(msgs, tasks.build({"task": "factbook", "contains_max_extra_words": 1}).rubric)
+    assert plain.components["contains_answer"] == 1.0 and limited.components["contains_answer"] == 0.0
+    assert plain.outcome_reward - limited.outcome_reward == pytest.approx(0.5)
+    two_hop = tasks.build({"task": "factbook-2hop", "contains_max_extra_words": 1}).rubric
+    assert [r.name for r in two_hop.turn] == [r.name for r in TWO_HOP_RUBRIC.turn]
+    assert scored(msgs, two_hop).components["contains_answer"] == 0.0

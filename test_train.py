@@ -334,6 +334,9 @@ def test_train_cli_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--group-size", "1"])
     assert "--group-size must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--contains-max-extra-words", "-1"])
+    assert "--contains-max-extra-words must be 0 or more" in capsys.readouterr().err
     # --resume where nothing was saved yet starts the run (a driver can always pass --resume)
     assert checkpoint.prepare_output_dir(train.parse_args(["--resume", "--output-dir", str(tmp_path / "none")])) is None
 
@@ -387,3 +390,17 @@ def test_help_shows_every_default(capsys):
     # flags without a help text too (argparse's own formatter shows nothing for them)
     for flag, default in (("--steps STEPS", "30"), ("--eps EPS", "0.2"), ("--mu MU", "1"), ("--top-k TOP_K", "50")):
         assert f"{flag} " in out and out.split(f"{flag} ", 2)[-1].split("--")[0].strip().endswith(f"(default: {default})"), flag
+
+
+def test_episode_stats_logs_words_per_answer():
+    """answer_words: the mean normalized word count of the final answers, over the episodes
+    that answered ("The Mt. Fogo." is 2 words, "I say it is Praia" 5; no answer: not counted)."""
+    import rewards
+    from conftest import chat
+
+    row = {"question_id": "q", "answer": {"aliases": ["Praia"]}}
+    eps = [sampler.Episode(row, chat(f"<reasoning>r</reasoning>\n<answer>{a}</answer>")) for a in ("The Mt. Fogo.", "I say it is Praia")]
+    eps.append(sampler.Episode(row, chat('<reasoning>r</reasoning>\n<tool>{"name": "x", "args": {}}</tool>')))
+    for e in eps:
+        rewards.PAPER_RUBRIC.score(e)
+    assert train.episode_stats(eps)["answer_words"] == pytest.approx(3.5)

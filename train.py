@@ -51,6 +51,7 @@ import models
 import mtgrpo
 import precision
 import probe
+import rewards
 import sampler
 import sharding
 import tasks
@@ -133,6 +134,9 @@ def parse_args(argv=None):
       help="sample with a static KV cache and a torch.compile'd decode step: for GPUs (slower on a CPU, docs/performance.md)")
     a("--max-tool-calls", type=int, default=None, help="tool results per episode (default: 1; 2 for factbook-2hop)")
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
+    a("--contains-max-extra-words", type=int, default=None,
+      help="contains_answer scores only an answer at most N words longer than the gold alias it holds "
+           "(default: off, the paper's reward; rewards.contains_answer_reward)")
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
            "which never calls the tool without it; off for other models: the paper's prompt)")
@@ -169,6 +173,8 @@ def parse_args(argv=None):
         p.error("--eval-questions, --eval-every and --probe-questions must be 0 or more")
     if not 0 <= args.gamma <= 1:
         p.error("--gamma must be between 0 and 1")
+    if args.contains_max_extra_words is not None and args.contains_max_extra_words < 0:
+        p.error("--contains-max-extra-words must be 0 or more")
     if not 0 <= args.lr_floor <= 1:
         p.error("--lr-floor must be between 0 and 1 (a fraction of --lr)")
     if args.group_size < 2:
@@ -228,6 +234,9 @@ def episode_stats(episodes: list[sampler.Episode]) -> dict:
     if "exact_match" in stats:  # the paper's rubric: em, its short name in the progress bar
         stats["em"] = stats["exact_match"]
     stats["turns"] = sum(e.num_turns for e in episodes) / n
+    answers = [a for a in (tool_env.final_answer(e.messages) for e in episodes) if a is not None]
+    # words per final answer (normalized as EM is): a sentence around the gold shows here
+    stats["answer_words"] = sum(len(rewards.normalize_answer(a).split()) for a in answers) / max(len(answers), 1)
     stats["sampled_tokens"] = sum(sum(e.loss_mask) for e in episodes) / n
     stats["episode_tokens"] = sum(len(e.token_ids) for e in episodes) / n
     for reason, c in Counter(e.end_reason for e in episodes).items():
