@@ -255,11 +255,24 @@ def sampler_compile(model, tok, rows, env, G, turn_tokens, repeats: int) -> dict
             "same_tokens": same, "max_logp_diff": diff if same else None, "runs": times}
 
 
-def rl_step(model, master, tok, rows, env, G, turn_tokens, seed, shared_prefix, device, ucfg):
+def ready_optimizer(master):
+    """The AdamW of a run that has taken its first step (train.py keeps one optimizer for
+    the whole run): its state (exp_avg, exp_avg_sq: 1 GB of zeros for the 135M model) is
+    allocated here, by one step on zero gradients at lr 0, not inside a timed update, as
+    TRL's timed steps come after its warm-up step (bench_trl.py)."""
+    opt = train.make_optimizer(master.params, lr=0.0)
+    for p in master.params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    master.zero_grad()
+    return opt
+
+
+def rl_step(model, master, opt, tok, rows, env, G, turn_tokens, seed, shared_prefix, device, ucfg):
     """One RL step as train.py takes it (sample, then mu optimizer steps), with random
     advantages so that every episode is trained whatever the rewards. lr is 0, so the
-    weights (and the next repetition's rollouts) do not change. Returns the episodes,
-    the phase times and the phase peaks."""
+    weights (and the next repetition's rollouts) do not change; `opt` is ready_optimizer's.
+    Returns the episodes, the phase times and the phase peaks."""
     reset_peak_memory(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     cfg = sampler.RolloutConfig(max_turn_tokens=turn_tokens, temperature=T, top_k=K)
@@ -267,13 +280,12 @@ def rl_step(model, master, tok, rows, env, G, turn_tokens, seed, shared_prefix, 
     peak_sample = peak_memory_mb(device)
     g = torch.Generator().manual_seed(seed)
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in eps]
-    opt = train.make_optimizer(master.params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     reset_peak_memory(device)
     t_update, upd = timed(lambda: train.update(model, master, opt, sched, eps, advs, ucfg, tok.pad_token_id,
                                                shared_prefix=shared_prefix))
     peak_update = peak_memory_mb(device)
-    del opt, sched
+    del sched
     return eps, advs, {"sample_s": t_sample, "update_s": t_update, "step_s": t_sample + t_update,
                        "sampled_tokens": sum(sum(e.loss_mask) for e in eps),
                        "episode_tokens": sum(len(e.token_ids) for e in eps),
@@ -317,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also time a decode step under torch.compile (static cache)")
     p.add_argument("--decode-only", action="store_true",
                    help="only the decode measurements (with --compile: and whole sampling calls with --compile-decode)")
+    p.add_argument("--update-only", action="store_true",
+                   help="only our update (sampled as in the full run) against its bound")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -341,16 +355,20 @@ def main(argv=None) -> int:
 
     if args.decode_only:
         return decode_report(args, res, ours_model, tok, rows, env, G, L)
+    if args.update_only:
+        return update_report(args, res, ours_model, ours, tok, rows, env, G, L, device, ucfg)
 
     # --- whole RL steps: today's (float32, every episode forwarded whole) and ours
     # (default precision, each prompt forwarded once per group), alternating per
     # repetition so that a slow spell of the machine hits both; same seed, same rollouts
     # in float32. lr = 0 keeps the weights, so every repetition samples the same policy.
     runs = {"today_fp32": [], "ours": []}
+    base_opt = ready_optimizer(base)
+    ours_opt = base_opt if ours is base else ready_optimizer(ours)
     for rep in range(args.repeats):
-        _, _, r = rl_step(base_model, base, tok, rows, env, G, L, rep, False, device, ucfg)
+        _, _, r = rl_step(base_model, base, base_opt, tok, rows, env, G, L, rep, False, device, ucfg)
         runs["today_fp32"].append(r)
-        eps, advs, r = rl_step(ours_model, ours, tok, rows, env, G, L, rep, True, device, ucfg)
+        eps, advs, r = rl_step(ours_model, ours, ours_opt, tok, rows, env, G, L, rep, True, device, ucfg)
         runs["ours"].append(r)
         print(f"rep {rep}: today's fp32 step {runs['today_fp32'][-1]['step_s']:.1f} s "
               f"(sample {runs['today_fp32'][-1]['sample_s']:.1f} + update {runs['today_fp32'][-1]['update_s']:.1f}), "
@@ -464,6 +482,29 @@ def decode_report(args, res: dict, model, tok, rows, env, G, L) -> int:
     """--decode-only: the decode measurements alone."""
     decode(args, res, model, tok, rows, env, G, L)
     return write(args, res, [f"device: {res['device']}   config: {json.dumps(res['config'])}", *decode_lines(args, res)])
+
+
+def update_report(args, res: dict, model, master, tok, rows, env, G, L, device, ucfg) -> int:
+    """--update-only: our update per optimizer iteration (the full run's repetitions: same
+    seeds, same episodes) and the bound on the last repetition's episodes, in one run."""
+    opt = ready_optimizer(master)
+    runs = []
+    for rep in range(args.repeats):
+        eps, _, r = rl_step(model, master, opt, tok, rows, env, G, L, rep, True, device, ucfg)
+        runs.append(r)
+        print(f"rep {rep}: update {r['update_s']:.1f} s ({r['micro_batches']} micro-batches)", flush=True)
+    plan = logprobs.plan_micro_batches(eps, list(range(len(eps))), ucfg.micro_batch_tokens, shared_prefix=True)
+    res["bound"] = bound_s(model, eps, plan, args.repeats)
+    per_iter = statistics.median(r["update_s"] for r in runs) / args.mu
+    res["bound"].update(update_per_iteration_s=per_iter, update_over_bound=per_iter / res["bound"]["bound_s"])
+    res["ours"] = {"runs": runs}
+    b = res["bound"]
+    return write(args, res, [
+        f"device: {res['device']}   config: {json.dumps(res['config'])}",
+        f"{'our update per iteration (s)':<46}{per_iter:>12.1f}",
+        f"{'bound: bare fwd+bwd, unique tokens (s)':<46}{b['bound_s']:>12.1f}   "
+        f"{b['tokens']} tokens, head on {b['lm_head_positions']}, rows x length {b['best_shape']}",
+        f"{'update per iteration / bound':<46}{b['update_over_bound']:>11.2f}x   <= 1.3x"])
 
 
 def write(args, res: dict, lines: list[str]) -> int:

@@ -16,3 +16,32 @@ def test_bench_decode_only_writes_its_report(tiny, tmp_path, capsys):
         v = res["decode_variants"][variant]
         assert v["same_argmax"] == 1.0 and v["max_logp_diff"] < 1e-4 and v["ms"] > 0, variant
     assert "decode step, 16 rows: HF eager / sampler" in capsys.readouterr().out
+
+
+def test_ready_optimizer_allocates_adams_state_and_moves_nothing(tiny):
+    """The timed update must not pay AdamW's first-step state allocation (train.py pays it
+    once per run): ready_optimizer leaves every parameter's exp_avg / exp_avg_sq in place,
+    the weights unchanged and no gradient behind."""
+    import torch
+
+    import models
+    import precision
+
+    _, path = tiny
+    model, _ = models.load_model(path, "cpu")
+    master = precision.MasterWeights(model, "bf16")
+    before = [p.detach().clone() for p in master.params]
+    opt = bench.ready_optimizer(master)
+    assert all(set(opt.state[p]) >= {"exp_avg", "exp_avg_sq"} for p in master.params)
+    assert all(torch.equal(p, b) for p, b in zip(master.params, before))
+    assert all(p.grad is None for p in master.params + master.model_params)
+
+
+def test_bench_update_only_reports_the_ratio_to_the_bound(tiny, tmp_path, capsys):
+    _, path = tiny
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", path, "--update-only", "--precision", "fp32", "--repeats", "1", "--group-size", "2",
+                       "--max-turn-tokens", "8", "--mu", "1", "--out", str(out)]) == 0
+    b = json.loads(out.read_text())["bound"]
+    assert b["bound_s"] > 0 and b["update_over_bound"] == b["update_per_iteration_s"] / b["bound_s"]
+    assert "update per iteration / bound" in capsys.readouterr().out
