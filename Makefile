@@ -43,20 +43,23 @@ bench-trl: $(STAMP)
 	$(PY) bench.py
 
 # README "Results": the table (results/compare.md) and the plot (results/compare.png) of
-# recipe v2's comparison (configs/compare.py), where its runs are committed, and recipe v1's
-# (configs/compare_v1.py: results/v1/compare.{md,png}), regenerated from the committed logs
+# recipe v3's comparison (configs/compare.py), where its runs are committed, and the earlier
+# recipes' (configs/compare_v1.py, compare_v2.py: results/v1/, results/v2/compare.{md,png}),
+# regenerated from the committed logs
 RUNS := $(wildcard results/runs/*-s*)
 V1 := $(wildcard results/v1/runs/*-s*)
+V2 := $(wildcard results/v2/runs/*-s*)
 # and configs/compare_2hop.py's two-hop runs (issue 24), where committed: results/compare_2hop.{md,png}
 HOP2 := $(wildcard results/runs_2hop/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
 SWEEP := $(wildcard results/sweep/*)
-# and configs/sweep_recipe.py's validation runs that choose recipe v2: results/sweep_recipe.{md,png}
+# and configs/sweep_recipe.py's validation runs that chose recipes v2 and v3: results/sweep_recipe.{md,png}
 RECIPE := $(wildcard results/sweep_recipe/*)
 results: $(STAMP)
 	@test -n "$(V1)$(RUNS)" || { echo "error: no runs in results/runs/ or results/v1/runs/ (python configs/compare.py makes them)"; exit 1; }
 	$(if $(RUNS),$(PY) report.py --table $(RUNS) --plot $(RUNS) --out results/compare)
 	$(if $(V1),$(PY) report.py --table $(V1) --plot $(V1) --out results/v1/compare)
+	$(if $(V2),$(PY) report.py --table $(V2) --plot $(V2) --out results/v2/compare)
 	$(if $(HOP2),$(PY) report.py --table $(HOP2) --plot $(HOP2) --out results/compare_2hop)
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
 	$(if $(RECIPE),$(PY) report.py --table $(RECIPE) --plot $(RECIPE) --out results/sweep_recipe)

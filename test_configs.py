@@ -70,7 +70,7 @@ def test_run_all_skips_finished_resumes_and_restarts(started):
     assert queue_runs.finished("results/b", 2)
 
 
-@pytest.mark.parametrize("driver", ["compare", "compare_v1", "compare_2hop"])
+@pytest.mark.parametrize("driver", ["compare", "compare_v1", "compare_v2", "compare_2hop", "sweep", "sweep_recipe"])
 def test_every_driven_command_parses(driver):
     """Each driver's train.py commands are valid: a mistyped flag fails here, not hours
     into a queue of runs."""
@@ -120,3 +120,35 @@ def test_the_comparisons_pin_one_precision():
 
     for driver in (compare, compare_2hop):
         assert all(queue_runs.flag(args, "--precision") == driver.PRECISION == "bf16" for _, args in driver.jobs())
+
+
+# settings a committed config.json may predate: what its run did without them
+BEFORE_THE_FLAG = {"contains_max_extra_words": None}
+
+
+@pytest.mark.parametrize("driver,results", [("compare", "results/runs"), ("compare_v1", "results/v1/runs"),
+                                            ("compare_v2", "results/v2/runs"),
+                                            ("compare_2hop", "results/runs_2hop"), ("sweep", "results/sweep"),
+                                            ("sweep_recipe", "results/sweep_recipe")])
+def test_every_committed_run_is_what_its_driver_runs_today(driver, results):
+    """A driver's command for a committed run parses to that run's config.json: when a
+    train.py default changes (recipe v3's contains_answer limit), the commands of earlier
+    recipes must spell the old value out, or rerunning them would run something else."""
+    import importlib
+
+    import train
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    checked = 0
+    for name, argv in importlib.import_module(driver).jobs():
+        path = os.path.join(root, results, name, "config.json")
+        if not os.path.exists(path):
+            continue
+        saved, now = json.load(open(path)), vars(train.parse_args(argv))
+        if saved.get("precision") == "auto" and now["precision"] != "auto":  # pinned later to what auto chose
+            saved["precision"] = saved["resolved_precision"]
+        for key, value in now.items():
+            if key != "resume" and (key in saved or key in BEFORE_THE_FLAG):  # the driver adds --resume itself
+                assert saved.get(key, BEFORE_THE_FLAG.get(key)) == value, (name, key)
+        checked += 1
+    assert checked or driver in ("compare", "compare_2hop")  # no recipe-v3 comparison or two-hop run is committed yet

@@ -337,6 +337,12 @@ def test_train_cli_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--contains-max-extra-words", "-1"])
     assert "--contains-max-extra-words must be 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--contains-max-extra-words", "one"])
+    assert "invalid count_or_none value: 'one'" in capsys.readouterr().err
+    # recipe v3's limit is the default; 'none' is the paper's unlimited contains_answer
+    assert train.parse_args([]).contains_max_extra_words == 1
+    assert train.parse_args(["--contains-max-extra-words", "none"]).contains_max_extra_words is None
     # --resume where nothing was saved yet starts the run (a driver can always pass --resume)
     assert checkpoint.prepare_output_dir(train.parse_args(["--resume", "--output-dir", str(tmp_path / "none")])) is None
 

@@ -15,7 +15,7 @@ process holds the whole model and optimizer state (with --fsdp, 1/N of them, and
 gradients are reduce-scattered after every backward: sharding.py);
 rank 0 writes logs, evaluations and checkpoints.
 
-    python train.py                                   # recipe v2, CPU-sized: embedded model, factbook, 30 steps
+    python train.py                                   # recipe v3, CPU-sized: embedded model, factbook, 30 steps
     python train.py --method grpo-or --steps 200 --group-size 8 --questions-per-step 8
     python train.py --resume --output-dir runs/mt-grpo   # continue after a crash
     torchrun --nproc_per_node 2 train.py --questions-per-step 4    # 2 processes, 2 questions each
@@ -96,6 +96,11 @@ def _numbers_as_values(argv: list[str]) -> list[str]:
     return out
 
 
+def count_or_none(text: str) -> int | None:
+    """A flag's value: a whole number, or 'none' (the setting off)."""
+    return None if text.lower() == "none" else int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=evaluate.DefaultsHelp)
     a = p.add_argument
@@ -103,7 +108,7 @@ def parse_args(argv=None):
     a("--task", default="factbook", help="'factbook', 'factbook-2hop', 'triviaqa' or 'triviaqa:PATH'")
     a("--corpus", default=None, help="'factbook', a JSONL of {title, text}, or a corpus.py --prepare folder")
     a("--method", default="mt-grpo", choices=mtgrpo.METHODS)
-    # the defaults are recipe v2 (configs/sweep_recipe.py, chosen on validation: results/README.md), CPU-sized
+    # the defaults are recipe v3 (configs/sweep_recipe.py, chosen on validation: results/README.md), CPU-sized
     a("--steps", type=int, default=30)
     a("--questions-per-step", type=int, default=4)
     a("--group-size", type=int, default=8, help="G, rollouts per question")
@@ -134,9 +139,9 @@ def parse_args(argv=None):
       help="sample with a static KV cache and a torch.compile'd decode step: for GPUs (slower on a CPU, docs/performance.md)")
     a("--max-tool-calls", type=int, default=None, help="tool results per episode (default: 1; 2 for factbook-2hop)")
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
-    a("--contains-max-extra-words", type=int, default=None,
+    a("--contains-max-extra-words", type=count_or_none, default=1,
       help="contains_answer scores only an answer at most N words longer than the gold alias it holds "
-           "(default: off, the paper's reward; rewards.contains_answer_reward)")
+           "(recipe v3; 'none': no limit, the paper's reward; rewards.contains_answer_reward)")
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
            "which never calls the tool without it; off for other models: the paper's prompt)")

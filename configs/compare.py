@@ -1,16 +1,18 @@
-"""MT-GRPO vs GRPO-OR vs GRPO-MR with recipe v2 (README "Results"): 3 methods x seeds 0, 1, 2.
+"""MT-GRPO vs GRPO-OR vs GRPO-MR with recipe v3 (README "Results"): 3 methods x seeds 0, 1, 2.
 
-Recipe v2 (configs/sweep_recipe.py's RECIPE, chosen on the validation split: results/README.md)
+Recipe v3 (configs/sweep_recipe.py's RECIPE, chosen on the validation split: results/README.md)
 is G = 8, 4 questions per step, mu = 1, lr 3e-5 with 5 steps of warm-up and a cosine decay
-to 0.1 x lr, 64 tokens per turn, the demonstration; 60 steps, 1920 rollouts per run (recipe
-v1: 960), in bf16 (PRECISION, below). The three methods share every setting but --method,
-and run with the same seeds.
+to 0.1 x lr, 64 tokens per turn, the demonstration, and contains_answer only for answers at
+most one word longer than the gold; 60 steps, 1920 rollouts per run (recipe v1: 960), in
+bf16 (PRECISION, below). The three methods share every setting but --method, and run with
+the same seeds.
 Evaluation is greedy on the whole TEST split before training and every 10 steps, so the
 curves are whole. Runs take hours on a 2-core CPU: this driver starts what is missing and
 resumes what is unfinished, so run it again after a kill or in a later sitting, one run at
 a time (queue_runs.py says why). Each run's log, config and evaluations are copied to
 results/runs/ as they grow; `make results` then rebuilds the table (results/compare.md)
-and the plot (results/compare.png). Recipe v1's runs: configs/compare_v1.py, results/v1/.
+and the plot (results/compare.png). Earlier recipes: configs/compare_v1.py (results/v1/),
+configs/compare_v2.py (results/v2/).
 
     python configs/compare.py              # the 9 runs, skipping those in results/runs/
     python configs/compare.py --print      # the commands
@@ -25,17 +27,18 @@ from sweep_recipe import RECIPE
 METHODS = ("mt-grpo", "grpo-or", "grpo-mr")
 SEEDS = (0, 1, 2)
 STEPS = 60
-# Every run in one precision, bf16 (seed 0 ran in it): a CPU without bf16 units would
+# Every run in one precision, bf16 (recipe v2's seed 0 ran in it): a CPU without bf16 units would
 # emulate it ~20x slower, and --precision auto would mix precisions in one table, so the
 # driver stops there (queue_runs.main). results/v2_fp32_partial/ is seed 0 in float32.
 PRECISION = "bf16"
-COMMON = RECIPE + ["--precision", PRECISION, "--steps", str(STEPS), "--eval-every", "10", "--eval-split", "test",
-                   "--eval-questions", "0", "--save-every", "5"]
+TAIL = ["--precision", PRECISION, "--steps", str(STEPS), "--eval-every", "10", "--eval-split", "test",
+        "--eval-questions", "0", "--save-every", "5"]
+COMMON = RECIPE + TAIL
 
 
 def jobs() -> list[tuple[str, list[str]]]:
     # seeds in the outer loop: the comparison of a seed is complete before the next starts
-    return [(f"{m}-s{s}", COMMON + ["--method", m, "--seed", str(s), "--output-dir", f"runs/compare_v2/{m}-s{s}"])
+    return [(f"{m}-s{s}", COMMON + ["--method", m, "--seed", str(s), "--output-dir", f"runs/compare_v3/{m}-s{s}"])
             for s in SEEDS for m in METHODS]
 
 
