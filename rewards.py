@@ -36,6 +36,7 @@ reward without doing the task, each tested on crafted episodes in test_rewards.p
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import sys
@@ -295,6 +296,7 @@ def result_has_answer(episode, row: dict, j: int) -> float:
     return answer_found(turn_result(episode, j), row)
 
 
+@functools.cache  # one Rubric per setting: PAPER_RUBRIC is paper_rubric(None)
 def paper_rubric(contains_max_extra_words: int | None = None) -> Rubric:
     """The paper's rubric with the reference's weights (docs/paper.md §3):
 
@@ -312,7 +314,7 @@ def paper_rubric(contains_max_extra_words: int | None = None) -> Rubric:
     )
 
 
-PAPER_RUBRIC = paper_rubric()
+PAPER_RUBRIC = paper_rubric(None)  # the key tasks.build looks up
 
 
 # ---------------------------------------------------------------------------------
@@ -337,6 +339,7 @@ def answer_found(result: str, row: dict) -> float:
 
 # Each search is scored by its own hop: R^T_1 = 0.2 tool_execution + 0.5 bridge_found,
 # R^T_j = 0.2 tool_execution + 0.5 search_has_answer for j >= 2 (a retry of hop 2 too)
+@functools.cache  # TWO_HOP_RUBRIC is two_hop_rubric(None)
 def two_hop_rubric(contains_max_extra_words: int | None = None) -> Rubric:
     return Rubric(
         turn=[Reward("tool_execution", 0.2, tool_ran),
@@ -346,4 +349,4 @@ def two_hop_rubric(contains_max_extra_words: int | None = None) -> Rubric:
     )
 
 
-TWO_HOP_RUBRIC = two_hop_rubric()
+TWO_HOP_RUBRIC = two_hop_rubric(None)

@@ -63,8 +63,5 @@ def build(config: dict) -> Task:
     demo = (tool_env.FEWSHOT_2HOP if two_hop(task) else tool_env.FEWSHOT) if fewshot else None
     calls = config.get("max_tool_calls") or default_tool_calls(task)
     extra = config.get("contains_max_extra_words")  # None: the rubric as the paper weighs it
-    if extra is None:  # the module's rubric objects themselves, so a run can be checked against them
-        rubric = rewards.TWO_HOP_RUBRIC if two_hop(task) else rewards.PAPER_RUBRIC
-    else:
-        rubric = (rewards.two_hop_rubric if two_hop(task) else rewards.paper_rubric)(extra)
+    rubric = (rewards.two_hop_rubric if two_hop(task) else rewards.paper_rubric)(extra)  # cached: None gives PAPER_RUBRIC
     return Task(tool_env.ToolEnv(tools, demo, calls), rubric, functools.partial(data.load_task, task))

@@ -13,15 +13,14 @@ results/v2_partial/.
 
 import sys
 
+import compare
 import queue_runs
-from compare import METHODS, PRECISION, SEEDS, STEPS, TAIL
 from sweep_recipe import RECIPE_V2
 
 
 def jobs() -> list[tuple[str, list[str]]]:
-    return [(f"{m}-s{s}", RECIPE_V2 + TAIL + ["--method", m, "--seed", str(s), "--output-dir", f"runs/compare_v2/{m}-s{s}"])
-            for s in SEEDS for m in METHODS]
+    return compare.jobs(RECIPE_V2, "runs/compare_v2")
 
 
 if __name__ == "__main__":
-    sys.exit(queue_runs.main(__doc__, jobs(), "results/v2/runs", precision=PRECISION))
+    sys.exit(queue_runs.main(__doc__, jobs(), "results/v2/runs", precision=compare.PRECISION))
