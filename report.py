@@ -166,6 +166,25 @@ def results_table(run_dirs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def curves_table(run_dirs: list[str], key: str = "exact_match", drops_from: int = 30) -> str:
+    """Markdown table of one held-out metric at every evaluation, one row per run (the
+    curves that results_table's last step hides), and the largest fall between consecutive
+    evaluations from step `drops_from` on (issue 20's steadiness target; 0 when it only rose)."""
+    curves = {}
+    for run in run_dirs:
+        log = read_log(run)
+        curves[os.path.basename(os.path.normpath(run))] = {r["step"]: r[f"eval_{key}"] for r in log if f"eval_{key}" in r}
+    steps = sorted({s for c in curves.values() for s in c})
+    head = ["run"] + [f"step {s}" for s in steps] + [f"largest drop from step {drops_from}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c in curves.items():
+        late = [v for s, v in sorted(c.items()) if s >= drops_from]
+        drops = [a - b for a, b in zip(late, late[1:])]
+        cells = [f"{c[s]:.3f}" if s in c else "-" for s in steps]
+        lines.append("| " + " | ".join([name] + cells + [f"{max(0.0, *drops):.3f}" if drops else "-"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
@@ -179,7 +198,8 @@ def main(argv=None) -> int:
         if args.plot:
             print("wrote", plot_runs(args.plot, args.out + ".png"))
         if args.table:
-            text = results_table(args.table)
+            text = (results_table(args.table) + "\n\nExact match at every evaluation, per run:\n\n"
+                    + curves_table(args.table))
             with open(args.out + ".md", "w") as f:
                 f.write(text + "\n")
             print(text + f"\nwrote {args.out}.md")

@@ -87,3 +87,17 @@ def test_results_table_has_the_hop_columns_when_every_evaluation_has_them(tmp_pa
     assert lines[3].startswith("| mt | 1 | 10 | 1.000 | 1.000 | 0.500 | 0.200 | 0.200 | 0.500 | 0.750 | 0.500 |")
     _write_log(tmp_path / "or-s0", [_eval(0, 0.0, 0.5), _eval(10, 0.1, 1.0)])  # a one-hop run: no hop columns
     assert "bridge" not in report.results_table([str(tmp_path / "mt-s0"), str(tmp_path / "or-s0")])
+
+
+def test_curves_table_has_every_evaluation_and_the_largest_late_drop(tmp_path):
+    # a: 0.1, 0.4, 0.5 (step 20), 0.3, 0.45, 0.44: its fall into step 30 is before the window, 0.45 -> 0.44 in it
+    _write_log(tmp_path / "a-s0", [_eval(s, em, 1.0) for s, em in zip(range(0, 60, 10), [0.1, 0.4, 0.5, 0.3, 0.45, 0.44])])
+    # b: its only fall (0.4 -> 0.1) is before step 30, then it rises; it has no step-50 evaluation
+    _write_log(tmp_path / "b-s1", [_eval(s, em, 1.0) for s, em in zip([0, 10, 20, 30, 40], [0.0, 0.4, 0.1, 0.2, 0.3])]
+               + [{"step": 50, "tool_call_rate": 1.0}])
+    lines = report.curves_table([str(tmp_path / "a-s0"), str(tmp_path / "b-s1")]).splitlines()
+    assert lines[0] == "| run | step 0 | step 10 | step 20 | step 30 | step 40 | step 50 | largest drop from step 30 |"
+    assert lines[2] == "| a-s0 | 0.100 | 0.400 | 0.500 | 0.300 | 0.450 | 0.440 | 0.010 |"
+    assert lines[3] == "| b-s1 | 0.000 | 0.400 | 0.100 | 0.200 | 0.300 | - | 0.000 |"
+    assert report.curves_table([str(tmp_path / "a-s0")], drops_from=20).endswith("| 0.440 | 0.200 |")  # 0.5 -> 0.3 counts
+    assert report.curves_table([str(tmp_path / "a-s0")], drops_from=50).endswith("| 0.440 | - |")  # one late point: no fall
