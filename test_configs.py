@@ -152,3 +152,13 @@ def test_every_committed_run_is_what_its_driver_runs_today(driver, results):
                 assert saved.get(key, BEFORE_THE_FLAG.get(key)) == value, (name, key)
         checked += 1
     assert checked or driver == "compare_2hop"  # no two-hop run is committed yet
+
+
+def test_print_into_a_closed_pipe_ends_quietly():
+    """`configs/compare_2hop.py --print | head -1` printed a BrokenPipeError traceback."""
+    import subprocess
+
+    out = subprocess.run(f"{sys.executable} configs/compare_2hop.py --print | head -1", shell=True,
+                         capture_output=True, text=True, cwd=queue_runs.ROOT)
+    assert out.stdout.startswith("python train.py ") and out.stdout.count("\n") == 1
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

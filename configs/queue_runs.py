@@ -145,6 +145,9 @@ def main(doc: str, jobs: list[tuple[str, list[str]]], results: str, argv: list[s
         p.error(f"these runs train in {precision} (the committed ones did), but {precision} is not this machine's "
                 f"fast precision (--precision auto gives {auto_precision()}): run them on a machine where it is")
     if a.print:
-        print("\n".join("python train.py " + " ".join(args) for _, args in jobs))
+        try:
+            print("\n".join("python train.py " + " ".join(args) for _, args in jobs), flush=True)
+        except BrokenPipeError:  # `--print | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     return run_all(jobs, a.parallel, results)
