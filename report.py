@@ -27,6 +27,9 @@ PLOT_KEYS = (("tool_call_rate", "tool-call rate"), ("tool_success", "tool-execut
              ("search_has_answer", "search has answer"), ("exact_match", "exact match"),
              ("R_T", "R^T (training rollouts)"), ("R_O", "R^O (training rollouts)"))
 TRAIN_KEY = {"exact_match": "em"}  # the training log's name for a metric, where it differs
+# the two-hop task's hops (rewards.TWO_HOP_RUBRIC), two panels more where the runs'
+# evaluations logged them: the bridge of hop 1 is what a two-hop agent learns first
+HOP_PLOT_KEYS = (("bridge_found", "search 1 found the bridge"), ("call2_success", "search 2 ran"))
 # the policy-movement probe (probe.py), a row of panels more where the runs logged it; per
 # step, not smoothed: a single update's swing is what they are for
 PROBE_KEYS = (("probe_second_call", "probe: P(second tool call) at turn 2"),
@@ -82,7 +85,8 @@ def plot_data(run_dirs: list[str], smooth: int = 5) -> list[tuple[str, bool, dic
     groups = group_runs(run_dirs)
     split = next((r["eval_split"] for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
     panels = []
-    for key, title in PLOT_KEYS:
+    hops = [k for k in HOP_PLOT_KEYS if any(f"eval_{k[0]}" in r for logs in groups.values() for log in logs for r in log)]
+    for key, title in PLOT_KEYS[:4] + tuple(hops) + PLOT_KEYS[4:]:
         held_out = any(f"eval_{key}" in r for logs in groups.values() for log in logs for r in log)
         if held_out:
             title += f" ({split})" if split else ""
@@ -118,6 +122,8 @@ def plot_runs(run_dirs: list[str], out: str, smooth: int = 5) -> str:
         ax.set_xlabel("step")
         if title.startswith("probe: KL"):
             ax.set_yscale("symlog", linthresh=1e-3)  # KL spans decades; 0 (no update) stays drawable
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)  # a last row with fewer than three panels
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
