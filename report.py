@@ -78,16 +78,19 @@ def smoothed(log: list[dict], key: str, window: int) -> list[dict]:
 
 
 def plot_data(run_dirs: list[str], smooth: int = 5) -> list[tuple[str, bool, dict[str, tuple]]]:
-    """What plot_runs draws, a panel per PLOT_KEYS entry: (title, held_out, {label
+    """What plot_runs draws, a panel per PLOT_KEYS entry (and per HOP_PLOT_KEYS and
+    PROBE_KEYS entry where the runs logged them): (title, held_out, {label
     (n=seeds): (steps, mean, min, max)}). The first four panels use the held-out
     evaluations where the runs have them (held_out), else the training rollouts
     smoothed over `smooth` steps."""
     groups = group_runs(run_dirs)
-    split = next((r["eval_split"] for logs in groups.values() for log in logs for r in log if "eval_split" in r), None)
+    rows = [r for logs in groups.values() for log in logs for r in log]
+    split = next((r["eval_split"] for r in rows if "eval_split" in r), None)
+    logged = lambda key: any(key in r for r in rows)  # noqa: E731  (by any run, at any step)
     panels = []
-    hops = [k for k in HOP_PLOT_KEYS if any(f"eval_{k[0]}" in r for logs in groups.values() for log in logs for r in log)]
-    for key, title in PLOT_KEYS[:4] + tuple(hops) + PLOT_KEYS[4:]:
-        held_out = any(f"eval_{key}" in r for logs in groups.values() for log in logs for r in log)
+    hops = tuple(k for k in HOP_PLOT_KEYS if logged(f"eval_{k[0]}"))
+    for key, title in PLOT_KEYS[:4] + hops + PLOT_KEYS[4:]:
+        held_out = logged(f"eval_{key}")
         if held_out:
             title += f" ({split})" if split else ""
         elif not key.startswith("R_"):  # the R panels say "training rollouts" already
@@ -96,7 +99,7 @@ def plot_data(run_dirs: list[str], smooth: int = 5) -> list[tuple[str, bool, dic
         lines = {f"{label} (n={len(logs)})": across_seeds(logs if held_out else [smoothed(log, k, smooth) for log in logs], k)
                  for label, logs in groups.items()}
         panels.append((title, held_out, lines))
-    if any(k in r for logs in groups.values() for log in logs for r in log for k, _ in PROBE_KEYS):
+    if any(logged(k) for k, _ in PROBE_KEYS):
         for key, title in PROBE_KEYS:
             panels.append((title, False, {f"{label} (n={len(logs)})": across_seeds(logs, key) for label, logs in groups.items()}))
     return panels

@@ -42,9 +42,9 @@ def test_plot_data_is_the_mean_and_range_over_seeds(tmp_path):
     # two-hop evaluations: the hop panels come after the first four, from the evaluations
     _write_log(tmp_path / "h-s0", [_eval(0, 0.0, 0.4, eval_bridge_found=0.2, eval_call2_success=0.5),
                                    {"step": 1, "bridge_found": 0.9}, _eval(2, 0.0, 1.0, eval_bridge_found=0.8, eval_call2_success=1.0)])
-    titles = [t for t, _, _ in report.plot_data([str(tmp_path / "h-s0")])]
-    assert titles[4:6] == ["search 1 found the bridge (test)", "search 2 ran (test)"]
-    held_out, lines = {t: (h, l) for t, h, l in report.plot_data([str(tmp_path / "h-s0")])}["search 1 found the bridge (test)"]
+    hop_panels = report.plot_data([str(tmp_path / "h-s0")])
+    assert [t for t, _, _ in hop_panels][4:6] == ["search 1 found the bridge (test)", "search 2 ran (test)"]
+    held_out, lines = {t: (h, l) for t, h, l in hop_panels}["search 1 found the bridge (test)"]
     assert held_out and lines["h (n=1)"] == ([0, 2], [0.2, 0.8], [0.2, 0.8], [0.2, 0.8])
     # the probe's panels: per step, not smoothed (an update's swing is the point), mean and range over seeds
     _write_log(tmp_path / "p-s0", [{"step": 0, "probe_second_call": 0.4}, {"step": 1, "probe_second_call": 0.2, "probe_kl_mean": 0.01}])
