@@ -105,7 +105,9 @@ def run_config(name: str, args=None) -> dict:
     config = {"model": name}
     if os.path.isfile(path):
         with open(path) as f:
-            config = json.load(f)
+            saved = json.load(f)
+        if "method" in saved:  # train.py's flags; a model folder's config.json is the model's (its "temperature" is no run's)
+            config = saved
     given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and k != "model"}
     return {**config, **given}
 
@@ -258,9 +260,11 @@ class DefaultsHelp(argparse.HelpFormatter):
         return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
 
 
-def main(argv=None, rubric=None) -> int:
+def main(argv=None, rubric=None, env=None) -> int:
     """Evaluate with the flags `argv` (default: the command line); `rubric`: your own
-    (rewards.Rubric) instead of the task's, for a run trained with one."""
+    (rewards.Rubric) instead of the task's, for a run trained with one; `env`: a function
+    of the task's environment that returns the one to evaluate in (tool_env.Environment),
+    to change the episode rules without editing tool_env.py."""
     p = argparse.ArgumentParser(description="Evaluate agents on held-out questions, or show one rollout's credit assignment.",
                                 formatter_class=DefaultsHelp)
     p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="models or train.py run directories")
@@ -307,7 +311,8 @@ def main(argv=None, rubric=None) -> int:
             sys.exit(f"error: {e}")
         model, tok = load(args, name)
         rollout = sampler.RolloutConfig.from_dict(config)
-        metrics, eps = evaluate(model, tok, rows, task.env, rubric_used, rollout, args.samples, seed=args.seed)
+        env_used = env(task.env) if env else task.env
+        metrics, eps = evaluate(model, tok, rows, env_used, rubric_used, rollout, args.samples, seed=args.seed)
         results[name] = {**metrics, "split": split, "rollout": dataclasses.asdict(rollout)}
         trajectories += trajectory_records(name, eps)
         splits[name] = split

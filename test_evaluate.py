@@ -52,7 +52,7 @@ def test_a_run_is_evaluated_as_it_was_trained(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({
-        "model": "smollm2-135m", "task": "factbook", "corpus": None, "search_chars": 40, "fewshot": True,
+        "method": "mt-grpo", "model": "smollm2-135m", "task": "factbook", "corpus": None, "search_chars": 40, "fewshot": True,
         "max_tool_calls": 2, "eval_split": "test", "eval_questions": 3, "max_turn_tokens": 24, "temperature": 0.7}))
     config = evaluate.run_config(str(run))
     split, rows = evaluate.held_out(config)
@@ -69,3 +69,33 @@ def test_a_run_is_evaluated_as_it_was_trained(tmp_path):
     assert tasks.build(evaluate.run_config("smollm2-135m")).env.demo == tool_env.FEWSHOT
     assert tasks.build(evaluate.run_config("Qwen/Qwen2.5-7B")).env.demo is None
     assert evaluate.held_out(evaluate.run_config("smollm2-135m"))[0] == "validation"
+
+
+def test_evaluate_main_runs_the_episodes_in_the_env_it_is_given(tiny, tmp_path):
+    """evaluate.main(env=f) evaluates in f(the task's environment): here one that ends
+    every episode after its first turn, which the task's rules would only do for an
+    answer or no action. A model folder's own config.json is not taken for a run's
+    settings: the tiny model gets no demonstration (the embedded model's)."""
+    import json
+
+    import evaluate
+
+    seen = []
+
+    class FirstTurnOnly:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def initial_messages(self, row):
+            return self.inner.initial_messages(row)
+
+        def step(self, messages, truncated=False):
+            seen.append(len(messages))
+            return tool_env.EnvStep(True, "stopped")
+
+    flags = ["--model", tiny[1], "--task", "triviaqa:fixtures/triviaqa", "--corpus", "fixtures/triviaqa/corpus.jsonl",
+             "--split", "train", "--limit", "2", "--max-turn-tokens", "6", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "e")]
+    assert evaluate.main(flags, env=FirstTurnOnly) == 0
+    ends = [json.loads(line)["end"] for line in open(tmp_path / "e.trajectories.jsonl")]
+    assert evaluate.run_config(tiny[1]) == {"model": tiny[1]}
+    assert ends == ["stopped", "stopped"] and seen == [3, 3]  # system prompt, question, first assistant turn
