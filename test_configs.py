@@ -147,6 +147,8 @@ def test_every_committed_run_is_what_its_driver_runs_today(driver, results):
         saved, now = json.load(open(path)), vars(train.parse_args(argv))
         if saved.get("precision") == "auto" and now["precision"] != "auto":  # pinned later to what auto chose
             saved["precision"] = saved["resolved_precision"]
+        for c in (saved, now):  # where the decay ends: 0, and a config from before the flag, the last step
+            c["lr_decay_steps"] = (c.get("lr_decay_steps") or c["steps"]) if c.get("lr_schedule", "constant") != "constant" else None
         for key, value in now.items():
             if key != "resume" and (key in saved or key in BEFORE_THE_FLAG):  # the driver adds --resume itself
                 assert saved.get(key, BEFORE_THE_FLAG.get(key)) == value, (name, key)

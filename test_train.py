@@ -86,10 +86,11 @@ def test_spread_covers_the_split():
 
 def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch, capsys):
     _, path = tiny
-    assert train_main(train_args(path, tmp_path / "full", 3)) == 0
+    warm1 = ["--warmup-steps", "1"]  # so the cosine decay starts at step 2, inside the run
+    assert train_main(train_args(path, tmp_path / "full", 3, warm1)) == 0
     out = capsys.readouterr().out  # the run ends with the held-out table: before (step 0) and after (step 3)
     assert "before and after training" in out and "step 0 " in out and "step 3 " in out
-    assert train_main(train_args(path, tmp_path / "cut", 2)) == 0
+    assert train_main(train_args(path, tmp_path / "cut", 2, warm1)) == 0
     # "crash" after step 2, in the worst places: between save_checkpoint's two renames
     # (only checkpoint.old and a half checkpoint.tmp left) and while writing a log line
     cut_dir = tmp_path / "cut"
@@ -99,9 +100,9 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
         f.write('{"step": 3, "tool_execu')
     # a changed setting is refused, naming it (the old optimizer state would keep the old lr)
     with pytest.raises(SystemExit, match=r"--lr 0.001 -> 0.01"):
-        train_main(train_args(path, cut_dir, 3, ["--resume", "--lr", "1e-2"]))
+        train_main(train_args(path, cut_dir, 3, warm1 + ["--resume", "--lr", "1e-2"]))
     # resume to step 3 (--steps may change)
-    assert train_main(train_args(path, tmp_path / "cut", 3, ["--resume"])) == 0
+    assert train_main(train_args(path, tmp_path / "cut", 3, warm1 + ["--resume"])) == 0
     assert not (cut_dir / "checkpoint.old").exists() and not (cut_dir / "checkpoint.tmp").exists()
     full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
     # step 0: the evaluation before training, logged once (not again on --resume)
@@ -112,6 +113,10 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
         "step0000.json", "step0000.trajectories.jsonl", "step0002.json", "step0002.trajectories.jsonl",
         "step0003.json", "step0003.trajectories.jsonl"]
     full, cut = full[1:], cut[1:]
+    # the schedule ends at --lr-decay-steps (60), not at --steps: the 2-step sitting did not
+    # decay to the floor at its step 2, so the resumed run's lrs are the uninterrupted one's
+    assert [r["lr"] for r in cut] == [r["lr"] for r in full] == pytest.approx(
+        [1e-3, 1e-3 * train.lr_factor(1, 1, 60, "cosine", 0.1), 1e-3 * train.lr_factor(2, 1, 60, "cosine", 0.1)])
     assert all(r["trained_episodes"] > 0 and r["grad_norm"] > 0 for r in full)  # real updates happened
     for key in ("loss", "R_O", "sampled_tokens", "entropy", "grad_norm", "clip_frac"):
         assert cut[2][key] == full[2][key], key
@@ -128,11 +133,29 @@ def test_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch
     assert "for 3 of 3 steps" in card and "| 0 | " in card and "| 3 | " in card
     command = card.strip().splitlines()[-1].split()
     assert command[:2] == ["python", "train.py"]
-    expected = {**vars(train.parse_args(train_args(path, cut_dir, 3))), "device": None}
+    expected = {**vars(train.parse_args(train_args(path, cut_dir, 3, warm1))), "device": None}
     assert vars(train.parse_args(command[2:] + ["--output-dir", str(cut_dir)])) == expected
     # a finished run is not silently overwritten
     with pytest.raises(SystemExit, match="already has a run"):
         train_main(train_args(path, tmp_path / "cut", 3))
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor_and_stays():
+    f = train.lr_factor
+    # warm-up over 5 optimizer steps: 1/5 ... 5/5
+    assert [f(s, 5, 60, "cosine", 0.1) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    # after it, t = (step - 5) / (60 - 5 - 1): 0 at step 5, 1/3 at step 23, 1 at step 59 (the last)
+    assert f(5, 5, 60, "cosine", 0.1) == 1.0
+    assert f(23, 5, 60, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 0.5))  # cos(pi/3) = 0.5: 0.775
+    assert f(23, 5, 60, "linear", 0.1) == pytest.approx(1 - 0.9 / 3)  # 0.7
+    assert f(59, 5, 60, "cosine", 0.1) == pytest.approx(0.1) and f(59, 5, 60, "linear", 0.1) == pytest.approx(0.1)
+    assert f(80, 5, 60, "cosine", 0.1) == pytest.approx(0.1)  # past --lr-decay-steps: the floor
+    assert f(40, 5, 60, "constant", 0.1) == 1.0
+    # the default 30-step run is the first half of the 60-step schedule: at its last step the lr is
+    # still above half its peak (cos(pi * 24/54)), not at the floor as a 30-step decay would be
+    assert train.parse_args([]).lr_decay_steps == 60 and train.parse_args([]).steps == 30
+    assert f(29, 5, 60, "cosine", 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 24 / 54)))
+    assert f(29, 5, 30, "cosine", 0.1) == pytest.approx(0.1)
 
 
 def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):

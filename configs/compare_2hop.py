@@ -23,6 +23,7 @@ STEPS = 40
 # machine where bf16 is not the fast precision rather than mix precisions in one table).
 PRECISION = "bf16"
 COMMON = RECIPE + ["--precision", PRECISION, "--task", "factbook-2hop", "--max-tool-calls", "2", "--steps", str(STEPS),
+                   "--lr-decay-steps", str(STEPS),  # the cosine over these 40 steps, not recipe v3's 60
                    "--eval-every", "10", "--eval-split", "test", "--eval-questions", "0", "--save-every", "5"]
 
 
