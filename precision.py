@@ -115,7 +115,10 @@ class MasterWeights:
             if m.grad is None:  # a sparse embedding gradient (logprobs.lean_backward) is made dense once
                 m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
             else:
-                m.grad.add_(p.grad)  # dense or sparse into the float32 sum
+                # dense or sparse into the float32 sum. Cast first: on the CPU a float32 += bf16
+                # add_ takes a slow mixed-dtype loop (about 6x an all-float32 add_, 2.5x the cast
+                # plus the add); the cast is exact, so the sum is bit for bit the same
+                m.grad.add_(p.grad.float())
             p.grad = None
 
     def zero_grad(self) -> None:

@@ -226,6 +226,26 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tiny, tmp_path, mo
         assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb" / "tb"))
 
 
+def test_collect_grads_sums_bf16_gradients_in_float32():
+    """Three backward passes' bf16 gradients, one of them sparse (a tied embedding's, as
+    logprobs.lean_backward makes it), land in the float32 master .grad as the exact float32
+    sum, and the model's own .grad is freed after each."""
+    model = torch.nn.Linear(4, 3, bias=False)
+    master = precision.MasterWeights(model, "bf16")
+    g = [torch.tensor([[1.0, 2 ** -8, 3.0, 0.0]] * 3), torch.tensor([[2 ** -8] * 4] * 3)]
+    g = [x.bfloat16() for x in g]
+    rows = torch.sparse_coo_tensor([[1]], torch.tensor([[2 ** -9, 0.5, 0.0, 1.0]]).bfloat16(), (3, 4))
+    for grad in (g[0], g[1], rows):
+        model.weight.grad = grad
+        master.collect_grads()
+        assert model.weight.grad is None
+    expected = g[0].float() + g[1].float() + rows.to_dense().float()
+    assert torch.equal(master.params[0].grad, expected) and master.params[0].grad.dtype == torch.float32
+    # the small terms are kept: a bf16 sum (spacing 2^-7 at 1) would round 1 + 2^-8 to 1
+    assert float(master.params[0].grad[0, 0]) == 1 + 2 ** -8 and float(master.params[0].grad[1, 0]) == 1 + 2 ** -8 + 2 ** -9
+    assert float((g[0] + g[1])[0, 0]) == 1.0
+
+
 def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
     """One AdamW step at lr 1e-6 (Adam's first step moves every weight by ~lr): updating
     bf16 weights directly loses nearly all of it (bf16 spacing near 0.02 is 1.2e-4); the

@@ -3,7 +3,7 @@ seeds 0 and 1, on --task factbook-2hop (two searches: the bridge country, then t
 TWO_HOP_RUBRIC gives each search its own turn reward), --max-tool-calls 2.
 
 The recipe is recipe v3 (configs/sweep_recipe.py's RECIPE, as configs/compare.py), with 40
-steps. Evaluation is greedy on the whole two-hop TEST split (53 questions) before training
+steps and the cosine decay over those 40. Evaluation is greedy on the whole two-hop TEST split (53 questions) before training
 and every 10 steps. It runs after configs/compare.py, one run at a time, and resumes what
 is unfinished (queue_runs.py). Logs, configs and evaluations are copied to results/runs_2hop/.
 
