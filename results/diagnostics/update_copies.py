@@ -8,7 +8,7 @@ update is 1.55x its bound in bf16, docs/performance.md).
    with fresh pages, which the kernel zero-fills on first touch (minor page faults), and
    returns them on free; the tied embedding's gradient (49152 x 576) is made anew in every
    backward. `mallopt(M_MMAP_MAX, 0)` + a high M_TRIM_THRESHOLD keeps freed memory in the
-   process for reuse instead.
+   process for reuse instead (measured here, not adopted: update_copies.md says why).
 
 Variants, each in its own process (the allocator's state does not reset inside one):
 `mixed` (collect_grads as before: add_ of the bf16 gradient), `cast` (collect_grads as it
