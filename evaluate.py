@@ -281,6 +281,8 @@ def main(argv=None, rubric=None, env=None) -> int:
                    help="the one-shot demonstration (default: as the run was trained; on for the embedded model)")
     p.add_argument("--search-chars", type=int, default=None, help="default: the run's, else 600")
     p.add_argument("--max-tool-calls", type=int, default=None, help="default: the run's, else the task's")
+    p.add_argument("--force-answer", action=argparse.BooleanOptionalAction, default=None,
+                   help="an <answer> forced after the last allowed tool result (default: as the run was trained; off)")
     p.add_argument("--max-turn-tokens", type=int, default=None, help="default: the run's, else 64")
     p.add_argument("--temperature", type=float, default=None, help="with --samples > 1 or --show; default: the run's, else 0.9")
     p.add_argument("--top-k", type=int, default=None, help="with --samples > 1 or --show; default: the run's, else 50")

@@ -215,7 +215,8 @@ class Row:
     feed: list[int] = field(default_factory=list)  # ids for the next forward
     n_sampled: int = 0
     turn: int = 1  # the assistant turn being sampled, 1-based
-    turn_start: int = 0  # index in ep.token_ids of this turn's first token
+    turn_start: int = 0  # index in ep.token_ids of this turn's first sampled token
+    prefill: str = ""  # the environment's start of this turn (EnvStep.prefill), before turn_start
     parked: bool = False  # its tool result waits to be prefilled (see step 4)
 
 
@@ -300,11 +301,12 @@ def _extend(ep: Episode, ids: list[int], turn: int = 0, logp: float = 0.0) -> No
 
 def _end_turn(row: Row, tokenizer, env, stopped: bool, end_ids: frozenset[int]) -> bool:
     """The row's assistant turn is over: the environment (env.step) ends the episode or
-    returns its next message (a tool's <result>), whose chat-template glue ids are
-    appended and fed later. Returns whether the episode goes on."""
+    returns its next message (a tool's <result>), whose chat-template glue ids, and the
+    ids of the environment's start of the next turn (step.prefill), are appended and fed
+    later. Returns whether the episode goes on."""
     ep, last = row.ep, row.ep.token_ids[-1]
     text = tokenizer.decode(ep.token_ids[row.turn_start :], skip_special_tokens=True)
-    ep.messages.append({"role": "assistant", "content": text})
+    ep.messages.append({"role": "assistant", "content": row.prefill + text})
     step = env.step(ep.messages, truncated=not stopped)
     if step.done:
         ep.end_reason = step.reason
@@ -313,9 +315,10 @@ def _end_turn(row: Row, tokenizer, env, stopped: bool, end_ids: frozenset[int]) 
     glue = chat_glue(tokenizer, step.message)
     if last in end_ids and glue[:1] == [last]:
         glue = glue[1:]  # the model already closed its turn with the template's own token
-    _extend(ep, glue)
+    glue += tokenizer.encode(step.prefill, add_special_tokens=False) if step.prefill else []
+    _extend(ep, glue)  # environment tokens (turn 0): in the context, never trained on
     row.feed, row.parked = [last] + glue, True
-    row.turn, row.turn_start = row.turn + 1, len(ep.token_ids)
+    row.turn, row.turn_start, row.prefill = row.turn + 1, len(ep.token_ids), step.prefill
     return True
 
 

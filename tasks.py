@@ -51,8 +51,8 @@ def default_tool_calls(task: str) -> int:
 def build(config: dict) -> Task:
     """The environment and rubric of a run from its settings: "task", "corpus",
     "search_chars", "fewshot" (None: on for the embedded model, named by "model"),
-    "max_tool_calls" (None: default_tool_calls), "contains_max_extra_words" (None: off;
-    rewards.contains_answer_reward). Raises ValueError, RuntimeError or
+    "max_tool_calls" (None: default_tool_calls), "force_answer" (None: off; ToolEnv),
+    "contains_max_extra_words" (None: off; rewards.contains_answer_reward). Raises ValueError, RuntimeError or
     FileNotFoundError with a message for the user (an unknown task, a missing corpus)."""
     task = config.get("task") or "factbook"
     source = corpus.default_corpus(task, config.get("corpus"))
@@ -64,4 +64,5 @@ def build(config: dict) -> Task:
     calls = config.get("max_tool_calls") or default_tool_calls(task)
     extra = config.get("contains_max_extra_words")  # None: the rubric as the paper weighs it
     rubric = (rewards.two_hop_rubric if two_hop(task) else rewards.paper_rubric)(extra)  # cached: None gives PAPER_RUBRIC
-    return Task(tool_env.ToolEnv(tools, demo, calls), rubric, functools.partial(data.load_task, task))
+    env = tool_env.ToolEnv(tools, demo, calls, force_answer=bool(config.get("force_answer")))
+    return Task(env, rubric, functools.partial(data.load_task, task))

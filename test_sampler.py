@@ -63,6 +63,34 @@ def test_env_tokens_are_attended_to(tiny, tokenizer, tools):
     assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) > 1e-4
 
 
+def test_forced_answer_is_environment_text_at_the_start_of_the_last_turn(tiny, tokenizer, tools):
+    """force_answer: after the last allowed result the environment writes "<answer>" (turn 0,
+    never trained on); the model's tokens follow it, and the message, which the rewards read,
+    holds both, so the answer scores. The log-probs of the tokens after it still match the
+    training pass's, which sees the same ids."""
+    model, _ = tiny
+    call = '<reasoning>look it up</reasoning><tool>{"name": "wiki_search", "args": {"query": "capital of Egypt"}}</tool>'
+    script = tokenizer.encode(call, add_special_tokens=False) + tokenizer.encode("Cairo</answer>", add_special_tokens=False)
+    env = tool_env.ToolEnv(tools, max_tool_calls=1, force_answer=True)
+    cfg = sampler.RolloutConfig(max_turn_tokens=48, temperature=1.0, top_k=0)
+    gen = torch.Generator().manual_seed(0)
+    e = sampler.sample_episodes(model, tokenizer, Q[:1], env, 2, cfg, generator=gen, force=[script, script])[0]
+    assert e.end_reason == "answer" and e.num_turns == 2
+    assert e.messages[-1] == {"role": "assistant", "content": "<answer>Cairo</answer>"}
+    assert tool_env.final_answer(e.messages) == "Cairo"
+    prefill = tokenizer.encode(tool_env.ANSWER_PREFILL, add_special_tokens=False)
+    first2 = e.token_turns.index(2)
+    assert e.token_ids[first2 - len(prefill) : first2] == prefill
+    assert e.loss_mask[first2 - len(prefill) : first2] == [0] * len(prefill)
+    assert tokenizer.decode(e.token_ids[: first2 - len(prefill)]).endswith("<|im_start|>assistant\n")
+    assert [t for t, m in zip(e.token_ids, e.loss_mask) if m] == script  # the model's own tokens, no more
+    check_consistency(model, tokenizer, [e])
+    # without the rule the same script's second turn is no answer
+    plain = sampler.sample_episodes(model, tokenizer, Q[:1], tool_env.ToolEnv(tools), 2, cfg, generator=gen,
+                                    force=[script, script])[0]
+    assert plain.messages[-1]["content"].startswith("Cairo") and tool_env.final_answer(plain.messages) is None
+
+
 # ------------------------------------------------------------------ log-prob consistency, greedy equivalence
 
 

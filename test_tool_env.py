@@ -250,6 +250,17 @@ def test_env_step_rules(tools):
     step = env_step(convo(good_call(), "<result>\nx\n</result>", good_call("again")), tools, max_tool_calls=2)
     assert not step.done and step.reason == "tool"
 
+    # force_answer: the result of the last allowed call, and only that one, comes with "<answer>"
+    # to start the next turn
+    assert env_step(convo(good_call()), tools).prefill == ""
+    assert env_step(convo(good_call()), tools, force_answer=True).prefill == "<answer>"
+    assert env_step(convo(good_call()), tools, max_tool_calls=2, force_answer=True).prefill == ""
+    step = env_step(convo(good_call(), "<result>\nx\n</result>", good_call("again")), tools, max_tool_calls=2,
+                    force_answer=True)
+    assert not step.done and step.prefill == "<answer>"
+    assert tool_env.ToolEnv(tools, max_tool_calls=2, force_answer=True).step(
+        convo(good_call(), "<result>\nx\n</result>", good_call("again"))).prefill == "<answer>"
+
     # budget ran out, or neither tool nor answer
     assert env_step(convo(good_call()), tools, truncated=True).reason == "budget"
     step = env_step(convo("I think it is Cairo."), tools)

@@ -452,6 +452,10 @@ class EnvStep:
     done: bool
     reason: str  # "answer", "tool", "tool_limit", "budget", "no_action"
     message: dict | None = None  # the user message to append, if the episode goes on
+    prefill: str = ""  # text the environment writes at the start of the next assistant turn (not trained on)
+
+
+ANSWER_PREFILL = "<answer>"  # force_answer's start of the turn after the last allowed call
 
 
 def is_tool_attempt(text: str) -> bool:
@@ -475,6 +479,7 @@ def env_step(
     max_tool_calls: int = 1,
     truncated: bool = False,
     timeout: float = TOOL_TIMEOUT_S,
+    force_answer: bool = False,
 ) -> EnvStep:
     """The episode rules (docs/paper.md §1) as a function of the messages so far,
     the last of which is the assistant turn just sampled.
@@ -484,6 +489,11 @@ def env_step(
     budget (`truncated`), or when the turn neither answers nor calls a tool.
     Otherwise the tool runs and its output comes back as a user message
     "<result>\\n...\\n</result>".
+
+    force_answer: after the last allowed call's result, the next assistant turn starts
+    with "<answer>" written by the environment (EnvStep.prefill), so the episode ends
+    with an answer rather than a call beyond the limit. Off in the paper's setting; the
+    two-hop task needs it (docs/task.md, "The forced answer").
     """
     text = messages[-1]["content"]
     if truncated:
@@ -495,7 +505,9 @@ def env_step(
     if count_tool_results(messages) >= max_tool_calls:
         return EnvStep(True, "tool_limit")
     result = run_tool_call(text, tools, timeout)
-    return EnvStep(False, "tool", {"role": "user", "content": f"{RESULT_OPEN}\n{result}\n{RESULT_CLOSE}"})
+    last_call = count_tool_results(messages) + 1 >= max_tool_calls
+    return EnvStep(False, "tool", {"role": "user", "content": f"{RESULT_OPEN}\n{result}\n{RESULT_CLOSE}"},
+                   ANSWER_PREFILL if force_answer and last_call else "")
 
 
 class Environment(typing.Protocol):
@@ -513,13 +525,15 @@ class ToolEnv:
     """The paper's environment: a system prompt that lists `tools` (typed Python
     functions), an optional demonstration before the question (`demo`, a list of
     messages), and env_step's rules with at most `max_tool_calls` tool results per
-    episode, each call answered within `timeout` seconds. A row needs a "question"; the
-    rest of it is the rubric's business."""
+    episode, each call answered within `timeout` seconds, and, with `force_answer`, an
+    answer forced after the last one. A row needs a "question"; the rest of it is the
+    rubric's business."""
 
     tools: dict[str, Callable]
     demo: list[dict] | None = None
     max_tool_calls: int = 1
     timeout: float = TOOL_TIMEOUT_S
+    force_answer: bool = False
 
     def __post_init__(self):
         for name, fn in self.tools.items():  # a tool the prompt cannot describe fails here, not mid-run
@@ -537,7 +551,7 @@ class ToolEnv:
         return msgs + [{"role": "user", "content": f"{QUESTION_PREFIX} {row['question']}"}]
 
     def step(self, messages: list[dict], truncated: bool = False) -> EnvStep:
-        return env_step(messages, self.tools, self.max_tool_calls, truncated, self.timeout)
+        return env_step(messages, self.tools, self.max_tool_calls, truncated, self.timeout, self.force_answer)
 
 
 # ----------------------------------------------------------------------------------

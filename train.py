@@ -143,6 +143,9 @@ def parse_args(argv=None):
     a("--compile-decode", action="store_true",
       help="sample with a static KV cache and a torch.compile'd decode step: for GPUs (slower on a CPU, docs/performance.md)")
     a("--max-tool-calls", type=int, default=None, help="tool results per episode (default: 1; 2 for factbook-2hop)")
+    a("--force-answer", action="store_true",
+      help="after the last allowed tool result the environment starts the next turn with <answer> "
+           "(the two-hop task's rule, docs/task.md)")
     a("--search-chars", type=int, default=tool_env.SEARCH_MAX_CHARS)
     a("--contains-max-extra-words", type=count_or_none, default=1,
       help="contains_answer scores only an answer at most N words longer than the gold alias it holds "
