@@ -51,6 +51,8 @@ V1 := $(wildcard results/v1/runs/*-s*)
 V2 := $(wildcard results/v2/runs/*-s*)
 # and configs/compare_2hop.py's two-hop runs (issue 24), where committed: results/compare_2hop.{md,png}
 HOP2 := $(wildcard results/runs_2hop/*-s*)
+# and configs/compare_2hop_forced.py's, with the forced answer: results/compare_2hop_forced.{md,png}
+HOP2F := $(wildcard results/runs_2hop_forced/*-s*)
 # and configs/sweep.py's validation runs, where committed: results/sweep.md, results/sweep.png
 SWEEP := $(wildcard results/sweep/*)
 # and configs/sweep_recipe.py's validation runs that chose recipes v2 and v3: results/sweep_recipe.{md,png}
@@ -61,5 +63,6 @@ results: $(STAMP)
 	$(if $(V1),$(PY) report.py --table $(V1) --plot $(V1) --out results/v1/compare)
 	$(if $(V2),$(PY) report.py --table $(V2) --plot $(V2) --out results/v2/compare)
 	$(if $(HOP2),$(PY) report.py --table $(HOP2) --plot $(HOP2) --out results/compare_2hop)
+	$(if $(HOP2F),$(PY) report.py --table $(HOP2F) --plot $(HOP2F) --out results/compare_2hop_forced)
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)
 	$(if $(RECIPE),$(PY) report.py --table $(RECIPE) --plot $(RECIPE) --out results/sweep_recipe)
