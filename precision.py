@@ -78,6 +78,27 @@ def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+CAST_CHUNK = 1 << 21  # elements per float32 temporary in add_float (8 MB)
+
+
+def add_float(dst: torch.Tensor, src: torch.Tensor, chunk: int = CAST_CHUNK) -> None:
+    """dst (float32) += src (bf16, dense or sparse), the exact float32 sum.
+
+    Cast first: on the CPU a float32 += bf16 add_ takes a slow mixed-dtype loop (about 6x
+    an all-float32 add_, 2.5x the cast plus the add); the cast is exact, so the sum is bit
+    for bit the same. Cast a dense gradient in slices of rows of at most `chunk` elements:
+    a whole vocabulary-sized one (the tied embedding's, 113 MB in float32) is above glibc's
+    mmap threshold, so each backward pass's cast got fresh pages that the kernel zero-fills
+    and takes back on free; an 8 MB slice reuses the same heap memory every time
+    (docs/performance.md, issue 23)."""
+    if src.is_sparse or src.dim() == 0 or src.numel() <= chunk:
+        dst.add_(src.float())
+        return
+    rows = max(1, chunk // src[0].numel())
+    for i in range(0, src.shape[0], rows):
+        dst[i:i + rows].add_(src[i:i + rows].float())
+
+
 class MasterWeights:
     """float32 master copies of a model's trainable weights; the model itself is cast to
     the compute dtype. In fp32 the master weights *are* the model's parameters, and
@@ -115,10 +136,7 @@ class MasterWeights:
             if m.grad is None:  # a sparse embedding gradient (logprobs.lean_backward) is made dense once
                 m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
             else:
-                # dense or sparse into the float32 sum. Cast first: on the CPU a float32 += bf16
-                # add_ takes a slow mixed-dtype loop (about 6x an all-float32 add_, 2.5x the cast
-                # plus the add); the cast is exact, so the sum is bit for bit the same
-                m.grad.add_(p.grad.float())
+                add_float(m.grad, p.grad)
             p.grad = None
 
     def zero_grad(self) -> None:

@@ -246,6 +246,21 @@ def test_collect_grads_sums_bf16_gradients_in_float32():
     assert float((g[0] + g[1])[0, 0]) == 1.0
 
 
+def test_add_float_casts_in_slices_of_rows_with_the_same_sum():
+    """A dense gradient larger than the chunk is cast and added slice by slice: with a
+    chunk of 8 elements, a 5 x 3 gradient goes in slices of 2, 2 and 1 rows, and every row
+    gets its own value added once: the float32 sum is exact, so a slice skipped, repeated
+    or shifted would show."""
+    src = (torch.arange(15, dtype=torch.float32).reshape(5, 3) * 2 ** -7 + 1).bfloat16()  # exact in bf16
+    dst = torch.full((5, 3), 2 ** -9)
+    precision.add_float(dst, src, chunk=8)
+    expected = torch.arange(15, dtype=torch.float32).reshape(5, 3) * 2 ** -7 + 1 + 2 ** -9
+    assert torch.equal(dst, expected)  # exact: 1 + k/128 + 1/512 needs 10 bits, float32 has 24
+    ones = torch.full((5, 3), 2 ** -9)
+    precision.add_float(ones, src, chunk=1)  # a chunk below one row: one row per slice
+    assert torch.equal(ones, expected)
+
+
 def test_bf16_master_weights_keep_updates_that_bf16_rounds_away(tiny):
     """One AdamW step at lr 1e-6 (Adam's first step moves every weight by ~lr): updating
     bf16 weights directly loses nearly all of it (bf16 spacing near 0.02 is 1.2e-4); the

@@ -11,8 +11,8 @@ update is 1.55x its bound in bf16, docs/performance.md).
    process for reuse instead (measured here, not adopted: update_copies.md says why).
 
 Variants, each in its own process (the allocator's state does not reset inside one):
-`mixed` (collect_grads as before: add_ of the bf16 gradient), `cast` (collect_grads as it
-is now), `cast+heap` (and the mallopt settings). Each process samples the benchmark's
+`mixed` (collect_grads before 55a945c: add_ of the bf16 gradient), `cast` (collect_grads at
+55a945c: cast, then add_), `cast+heap` (and the mallopt settings). Each process samples the benchmark's
 workload (2 training questions x G = 8, seed 2, few-shot, 64 tokens per turn, random
 advantages), runs one untimed update, then 3 timed ones (their median); the variants
 alternate over ROUNDS rounds. Minor page faults and system time are per timed update.
@@ -45,6 +45,22 @@ def old_collect(self):
         p.grad = None
 
 
+def whole_cast_collect(self):
+    """collect_grads at 55a945c: cast each whole bf16 gradient to float32, then add_."""
+    for m, p in zip(self.params, self.model_params):
+        if p.grad is None:
+            continue
+        if m.grad is None:
+            m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
+        else:
+            m.grad.add_(p.grad.float())
+        p.grad = None
+
+
+# variant (before any "+") -> the collect_grads it runs; any other: today's precision.MasterWeights'
+COLLECTS = {"mixed": old_collect, "cast": whole_cast_collect}
+
+
 def child(variant):
     if variant.endswith("+heap"):
         libc = ctypes.CDLL("libc.so.6")
@@ -66,8 +82,8 @@ def child(variant):
     env = tasks.build({"task": "factbook", "fewshot": True}).env
     model, tok = models.load_model("smollm2-135m", "cpu")
     master = precision.MasterWeights(model, "bf16")
-    if variant == "mixed":
-        master.collect_grads = types.MethodType(old_collect, master)
+    if variant.split("+")[0] in COLLECTS:
+        master.collect_grads = types.MethodType(COLLECTS[variant.split("+")[0]], master)
     opt = bench.ready_optimizer(master)  # lr 0: no update moves the weights
     cfg = sampler.RolloutConfig(max_turn_tokens=64, temperature=bench.T, top_k=bench.K)
     eps = sampler.sample_episodes(model, tok, rows, env, 8, cfg, generator=torch.Generator().manual_seed(SEED))
@@ -85,21 +101,34 @@ def child(variant):
     print(repr(out))
 
 
+def compare(script: str, variants, rounds: int) -> dict:
+    """Run `script VARIANT` (whose main calls child) for each variant, alternating, `rounds`
+    times: {variant: [(seconds, minor faults, system seconds, grad norm) per timed update]}."""
+    runs = {v: [] for v in variants}
+    for rnd in range(rounds):
+        for v in variants:
+            p = subprocess.run([sys.executable, script, v], capture_output=True, text=True, check=True)
+            runs[v] += eval(p.stdout.strip().splitlines()[-1])
+            print(f"<!-- round {rnd} {v}: {[f'{t:.2f}' for t, *_ in runs[v][-3:]]} -->", flush=True)
+    return runs
+
+
+def table(runs: dict) -> str:
+    """Markdown: each variant's median update time, against the first variant's."""
+    base = statistics.median(t for t, *_ in next(iter(runs.values())))
+    lines = [f"| variant | update, median (s) | vs {next(iter(runs))} | minor page faults per update | "
+             "system time per update (s) | grad norm (the same in all?) |", "|---|---:|---:|---:|---:|---|"]
+    for v, xs in runs.items():
+        t = statistics.median(x[0] for x in xs)
+        lines.append(f"| {v} | {t:.2f} | {t / base:.3f}x | {statistics.median(x[1] for x in xs):.0f} | "
+                     f"{statistics.median(x[2] for x in xs):.2f} | {sorted({round(x[3], 6) for x in xs})} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 2:
         child(sys.argv[1])
         sys.exit(0)
-    runs = {v: [] for v in VARIANTS}
-    for rnd in range(ROUNDS):
-        for v in VARIANTS:
-            p = subprocess.run([sys.executable, __file__, v], capture_output=True, text=True, check=True)
-            runs[v] += eval(p.stdout.strip().splitlines()[-1])
-            print(f"<!-- round {rnd} {v}: {[f'{t:.2f}' for t, *_ in runs[v][-3:]]} -->", flush=True)
-    base = statistics.median(t for t, *_ in runs["mixed"])
+    runs = compare(__file__, VARIANTS, ROUNDS)
     print(f"# The bf16 update's copies: {ROUNDS} rounds x 3 timed updates per variant, one thread\n")
-    print("| variant | update, median (s) | vs mixed | minor page faults per update | system time per update (s) | grad norm (the same in all?) |")
-    print("|---|---:|---:|---:|---:|---|")
-    for v in VARIANTS:
-        t = statistics.median(x[0] for x in runs[v])
-        print(f"| {v} | {t:.2f} | {t / base:.3f}x | {statistics.median(x[1] for x in runs[v]):.0f} | "
-              f"{statistics.median(x[2] for x in runs[v]):.2f} | {sorted({round(x[3], 6) for x in runs[v]})} |")
+    print(table(runs))
