@@ -33,32 +33,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VARIANTS, ROUNDS, SEED = ("mixed", "cast", "cast+heap"), 2, 2
 
 
-def old_collect(self):
-    """collect_grads before the cast: float32 += bf16 in one add_."""
+def whole_collect(self, cast: bool):
+    """collect_grads with whole-tensor adds: before 55a945c (cast=False: float32 += bf16 in
+    one add_) and at 55a945c (cast=True: the whole gradient cast to float32, then add_)."""
     for m, p in zip(self.params, self.model_params):
         if p.grad is None:
             continue
         if m.grad is None:
             m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
         else:
-            m.grad.add_(p.grad)
-        p.grad = None
-
-
-def whole_cast_collect(self):
-    """collect_grads at 55a945c: cast each whole bf16 gradient to float32, then add_."""
-    for m, p in zip(self.params, self.model_params):
-        if p.grad is None:
-            continue
-        if m.grad is None:
-            m.grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
-        else:
-            m.grad.add_(p.grad.float())
+            m.grad.add_(p.grad.float() if cast else p.grad)
         p.grad = None
 
 
 # variant (before any "+") -> the collect_grads it runs; any other: today's precision.MasterWeights'
-COLLECTS = {"mixed": old_collect, "cast": whole_cast_collect}
+COLLECTS = {"mixed": lambda self: whole_collect(self, False), "cast": lambda self: whole_collect(self, True)}
 
 
 def child(variant):
