@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import update_copies  # noqa: E402
 
-VARIANTS, ROUNDS = ("cast", "sliced"), 3
+VARIANTS, ROUNDS = ("cast", "sliced"), 2
 
 if __name__ == "__main__":
     if len(sys.argv) == 2:

@@ -50,7 +50,9 @@ def whole_collect(self, cast: bool):
 COLLECTS = {"mixed": lambda self: whole_collect(self, False), "cast": lambda self: whole_collect(self, True)}
 
 
-def child(variant):
+def workload(variant: str = "today"):
+    """The benchmark's update workload in this process: (model, master, optimizer, scheduler,
+    episodes, advantages, UpdateConfig, tokenizer), collect_grads as `variant` says."""
     if variant.endswith("+heap"):
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -80,6 +82,12 @@ def child(variant):
     advs = [torch.randn(len(e.token_ids), generator=g) * torch.tensor(e.loss_mask, dtype=torch.float) for e in eps]
     ucfg = train.UpdateConfig(mu=1, temperature=bench.T, max_sampled=64 * 2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, master, opt, sched, eps, advs, ucfg, tok
+
+
+def child(variant):
+    model, master, opt, sched, eps, advs, ucfg, tok = workload(variant)
+    import train  # on sys.path from workload
     out = []
     for i in range(4):
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
