@@ -171,11 +171,11 @@ def decode_step_ms(model, rows: int) -> float:
     return sampler_decode(model, rows, skip=2)[0]
 
 
-def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 1024)) -> dict:
-    """The update's bound: a bare forward + backward (cross-entropy) of exactly the unique
-    tokens one optimizer iteration forwards (each planned prompt once, every continuation
-    unpadded), the LM head on as many positions as there are sampled tokens, at the best
-    row length of `row_lengths` for this machine. The median of `repeats` per shape."""
+def bound_pass(model, episodes, plan):
+    """The bound's pass (bound_s): (once, tokens, head positions), where once(rows) runs a bare
+    forward + backward (cross-entropy) of exactly the unique tokens one optimizer iteration
+    forwards (each planned prompt once, every continuation unpadded) as `rows` rows, the LM
+    head on as many positions as there are sampled tokens."""
     device = next(model.parameters()).device
     stream = []
     for prefix, chunks in plan:
@@ -192,11 +192,18 @@ def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 102
         F.cross_entropy(head(h[at]).float(), x.flatten()[at + 1]).backward()
         model.zero_grad(set_to_none=True)
 
+    return once, len(ids), n_head
+
+
+def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 1024)) -> dict:
+    """The update's bound: bound_pass at the best row length of `row_lengths` for this
+    machine. The median of `repeats` per shape."""
+    once, n_ids, n_head = bound_pass(model, episodes, plan)
     per_shape = {}
-    for rows in sorted({max(1, round(len(ids) / L)) for L in row_lengths}, reverse=True):
-        per_shape[f"{rows}x{len(ids) // rows}"] = statistics.median(timed(lambda: once(rows))[0] for _ in range(repeats))
+    for rows in sorted({max(1, round(n_ids / L)) for L in row_lengths}, reverse=True):
+        per_shape[f"{rows}x{n_ids // rows}"] = statistics.median(timed(lambda: once(rows))[0] for _ in range(repeats))
     best = min(per_shape, key=per_shape.get)
-    return {"tokens": len(ids), "lm_head_positions": n_head, "per_shape_s": per_shape, "best_shape": best,
+    return {"tokens": n_ids, "lm_head_positions": n_head, "per_shape_s": per_shape, "best_shape": best,
             "bound_s": per_shape[best]}
 
 

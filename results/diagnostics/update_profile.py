@@ -55,39 +55,28 @@ def profile(fn) -> tuple[dict, list, float]:
 
 
 def main():
-    import torch
-    import torch.nn.functional as F
-
     model, master, opt, sched, eps, advs, ucfg, tok = update_copies.workload()
-    import logprobs  # on sys.path from workload
+    import bench  # on sys.path from workload
+    import logprobs
     import train
 
     def update():
         train.update(model, master, opt, sched, eps, advs, ucfg, tok.pad_token_id)
 
     plan = logprobs.plan_micro_batches(eps, list(range(len(eps))), ucfg.micro_batch_tokens, shared_prefix=True)
-    stream = []
-    for prefix, chunks in plan:
-        stream += prefix + [t for c in chunks for i in c for t in eps[i].token_ids[len(prefix):]]
-    n_head = sum(sum(eps[i].loss_mask) for _, chunks in plan for c in chunks for i in c)
-    ids = torch.tensor(stream)
-    x = ids[: len(ids) // BOUND_ROWS * BOUND_ROWS].view(BOUND_ROWS, -1)
+    once, n_ids, n_head = bench.bound_pass(model, eps, plan)
 
-    def bound():  # bench.bound_s's pass, one shape
-        model.zero_grad(set_to_none=True)
-        h = model.base_model(input_ids=x, use_cache=False).last_hidden_state.flatten(0, 1)
-        at = torch.linspace(0, h.size(0) - 2, n_head).long()
-        F.cross_entropy(model.get_output_embeddings()(h[at]).float(), x.flatten()[at + 1]).backward()
-        model.zero_grad(set_to_none=True)
+    def bound():  # one pass of bench.bound_s, at one shape
+        once(BOUND_ROWS)
 
     update(), bound()  # warm-up
     u_kind, u_ops, u_wall = profile(update)
     b_kind, b_ops, b_wall = profile(bound)
     n_passes = sum(len(c) for _, c in plan) + len(plan)
     print("# The bf16 update against its bound, by kind of op (self CPU seconds, one thread)\n")
-    print(f"{len(ids)} unique tokens, LM head on {n_head} positions; the update: {n_passes} backward passes "
+    print(f"{n_ids} unique tokens, LM head on {n_head} positions; the update: {n_passes} backward passes "
           f"({sum(len(c) for _, c in plan)} micro-batches and {len(plan)} prompts); the bound: one pass, "
-          f"{x.shape[0]} x {x.shape[1]}. Wall time under the profiler: update {u_wall:.2f} s, bound {b_wall:.2f} s "
+          f"{BOUND_ROWS} x {n_ids // BOUND_ROWS}. Wall time under the profiler: update {u_wall:.2f} s, bound {b_wall:.2f} s "
           f"({u_wall / b_wall:.2f}x).\n")
     print("| kind | update (s) | bound (s) | update - bound (s) |\n|---|---:|---:|---:|")
     for k in [k for k, _ in KINDS] + ["other"]:
