@@ -40,8 +40,14 @@ def test_ready_optimizer_allocates_adams_state_and_moves_nothing(tiny):
 def test_bench_update_only_reports_the_ratio_to_the_bound(tiny, tmp_path, capsys):
     _, path = tiny
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", path, "--update-only", "--precision", "fp32", "--repeats", "1", "--group-size", "2",
-                       "--max-turn-tokens", "8", "--mu", "1", "--out", str(out)]) == 0
-    b = json.loads(out.read_text())["bound"]
-    assert b["bound_s"] > 0 and b["update_over_bound"] == b["update_per_iteration_s"] / b["bound_s"]
+    assert bench.main(["--model", path, "--update-only", "--precision", "fp32", "--repeats", "3", "--group-size", "2",
+                       "--max-turn-tokens", "8", "--mu", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    b, runs = res["bound"], res["ours"]["runs"]
+    # each repetition's update (per optimizer iteration: mu = 2) over the bound of its own episodes
+    per = b["per_repetition"]
+    assert [r["update_per_iteration_s"] for r in per] == [r["update_s"] / 2 for r in runs]
+    assert all(r["bound_s"] > 0 and r["ratio"] == r["update_per_iteration_s"] / r["bound_s"] for r in per)
+    assert b["update_over_bound"] == sorted(r["ratio"] for r in per)[1]  # the median of 3
+    assert per[-1]["bound_s"] == b["per_shape_s"][b["best_shape"]]  # the last one's is the sweep's best shape
     assert "update per iteration / bound" in capsys.readouterr().out

@@ -40,7 +40,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
+# PyTorch's CPU allocator puts each tensor of 2 MB or more on transparent huge pages with
+# this setting (read once, at the first tensor, so it is set before torch is imported).
+# The update allocates and frees gigabytes of activations and gradients; on 4 KB pages
+# the kernel faults in and zero-fills every page anew (about 440k faults per bench.py
+# update). Huge pages made that update 0.90x as long, for 7% more peak memory in a short
+# run (docs/performance.md). THP_MEM_ALLOC_ENABLE=0 turns it off; it changes no number.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 
 import checkpoint
