@@ -51,3 +51,16 @@ def test_bench_update_only_reports_the_ratio_to_the_bound(tiny, tmp_path, capsys
     assert b["update_over_bound"] == sorted(r["ratio"] for r in per)[1]  # the median of 3
     assert per[-1]["bound_s"] == b["per_shape_s"][b["best_shape"]]  # the last one's is the sweep's best shape
     assert "update per iteration / bound" in capsys.readouterr().out
+
+
+def test_bench_whole_step_divides_each_update_by_its_own_bound(tiny, tmp_path):
+    """The default mode (today's float32 step against ours, TRL skipped) on the tiny model:
+    its update/bound ratio is per repetition, over the bound of that repetition's episodes."""
+    _, path = tiny
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", path, "--no-trl", "--precision", "fp32", "--repeats", "2", "--group-size", "2",
+                       "--max-turn-tokens", "8", "--mu", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    per = res["bound"]["per_repetition"]
+    assert [r["update_per_iteration_s"] for r in per] == [r["update_s"] for r in res["ours"]["runs"]]
+    assert res["bound"]["update_over_bound"] == (per[0]["ratio"] + per[1]["ratio"]) / 2  # the median of 2
