@@ -35,9 +35,9 @@ import ctypes
 import dataclasses
 import gc
 import json
+import os
 import resource
 import statistics
-import os
 import sys
 import time
 
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     res["step_speedup_per_repeat"] = statistics.median(a["step_s"] / b["step_s"] for a, b in zip(runs["today_fp32"], runs["ours"]))
 
     # --- the bound: a bare forward+backward of the unique tokens one iteration of our
-    # update forwards (the last repetition's episodes), LM head on the sampled positions
+    # update forwards (each repetition's own episodes), LM head on the sampled positions
     res["bound"] = update_over_bound(ours_model, [(e, r["update_s"] / args.mu) for e, r in zip(ours_eps, runs["ours"])],
                                      ucfg, args.repeats)
 
@@ -526,7 +526,7 @@ def decode_report(args, res: dict, model, tok, rows, env, G, L) -> int:
 
 def update_report(args, res: dict, model, master, tok, rows, env, G, L, device, ucfg) -> int:
     """--update-only: our update per optimizer iteration (the full run's repetitions: same
-    seeds, same episodes) and the bound on the last repetition's episodes, in one run."""
+    seeds, same episodes), each against the bound of its own episodes, in one run."""
     opt = ready_optimizer(master)
     runs, reps = [], []
     for rep in range(args.repeats):
