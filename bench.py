@@ -35,17 +35,12 @@ import ctypes
 import dataclasses
 import gc
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 
-# huge pages for big CPU tensors, as train.py sets it (its comment says why): the timed
-# update must run as train.py's does
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402
+import torch
 import torch.nn.functional as F
 
 import data
@@ -54,7 +49,7 @@ import models
 import precision
 import sampler
 import tasks
-import train
+import train  # sets THP_MEM_ALLOC_ENABLE before any tensor exists, so the timed update runs as train.py's
 
 
 def naive_sample(model, tok, rows, env, G, max_turn_tokens, temperature, top_k):
@@ -92,7 +87,7 @@ def reset_peak_memory(device, trim: bool = True) -> None:
     the OS (glibc malloc_trim): the RSS would otherwise still hold what the previous phase
     (e.g. the naive sampler) freed, and charge it to the next one. rl_step trims before
     sampling only: a trim before the update would make the timed update fault in fresh pages
-    that train.py's update, which follows its sampling directly, does not pay (0.5-1 s of
+    that train.py's update, which follows its sampling directly, does not pay (0.5-1.1 s of
     15 s, docs/performance.md)."""
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -180,6 +175,11 @@ def decode_step_ms(model, rows: int) -> float:
     return sampler_decode(model, rows, skip=2)[0]
 
 
+def median_s(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls of fn()."""
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
+
+
 def bound_pass(model, episodes, plan):
     """The bound's pass (bound_s): (once, tokens, head positions), where once(rows) runs a bare
     forward + backward (cross-entropy) of exactly the unique tokens one optimizer iteration
@@ -210,7 +210,7 @@ def bound_s(model, episodes, plan, repeats: int, row_lengths=(128, 256, 512, 102
     once, n_ids, n_head = bound_pass(model, episodes, plan)
     per_shape = {}
     for rows in sorted({max(1, round(n_ids / L)) for L in row_lengths}, reverse=True):
-        per_shape[f"{rows}x{n_ids // rows}"] = statistics.median(timed(lambda: once(rows))[0] for _ in range(repeats))
+        per_shape[f"{rows}x{n_ids // rows}"] = median_s(lambda: once(rows), repeats)
     best = min(per_shape, key=per_shape.get)
     return {"tokens": n_ids, "lm_head_positions": n_head, "per_shape_s": per_shape, "best_shape": best,
             "bound_s": per_shape[best]}
@@ -227,14 +227,12 @@ def update_over_bound(model, reps, ucfg, repeats: int) -> dict:
 
     res = bound_s(model, reps[-1][0], plan(reps[-1][0]), repeats)
     rows = int(res["best_shape"].split("x")[0])
-    per = []
-    for i, (eps, update_s) in enumerate(reps):
-        if i == len(reps) - 1:
-            b = res["bound_s"]
-        else:
-            once, _, _ = bound_pass(model, eps, plan(eps))
-            b = statistics.median(timed(lambda: once(rows))[0] for _ in range(repeats))
-        per.append({"update_per_iteration_s": update_s, "bound_s": b, "ratio": update_s / b})
+    bounds = []
+    for eps, _ in reps[:-1]:
+        once, _, _ = bound_pass(model, eps, plan(eps))
+        bounds.append(median_s(lambda: once(rows), repeats))
+    bounds.append(res["bound_s"])
+    per = [{"update_per_iteration_s": u, "bound_s": b, "ratio": u / b} for (_, u), b in zip(reps, bounds)]
     res.update(per_repetition=per, update_per_iteration_s=statistics.median(r["update_per_iteration_s"] for r in per),
                bound_s=statistics.median(r["bound_s"] for r in per),
                update_over_bound=statistics.median(r["ratio"] for r in per))

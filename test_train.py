@@ -470,10 +470,11 @@ def test_episode_stats_logs_words_per_answer():
     assert train.episode_stats(eps)["answer_words"] == pytest.approx(3.5)
 
 
-@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
-def test_train_puts_big_cpu_tensors_on_huge_pages_unless_told_not_to(setting, huge):
-    """train.py sets THP_MEM_ALLOC_ENABLE before torch allocates its first tensor (the
-    allocator reads it once), and a user's own setting wins. With it on, PyTorch's CPU
+@pytest.mark.parametrize("module, setting, huge", [("train", None, True), ("train", "0", False), ("bench", None, True)])
+def test_train_puts_big_cpu_tensors_on_huge_pages_unless_told_not_to(module, setting, huge):
+    """train.py sets THP_MEM_ALLOC_ENABLE before torch allocates its first tensor (the allocator
+    reads it once; bench.py, which times train.py's update, gets it by importing train before
+    it makes a tensor), and a user's own setting wins. With it on, PyTorch's CPU
     allocator aligns every tensor of 2 MB or more to a page (to madvise it onto huge
     pages); without it, to 64 bytes only, so 8 page-aligned tensors in a row say it is on."""
     import subprocess
@@ -482,7 +483,7 @@ def test_train_puts_big_cpu_tensors_on_huge_pages_unless_told_not_to(setting, hu
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
-    code = ("import train, torch; xs = [torch.empty(2**20 + 7) for _ in range(8)]; "
+    code = (f"import {module}, torch; xs = [torch.empty(2**20 + 7) for _ in range(8)]; "
             "print(all(x.data_ptr() % 4096 == 0 for x in xs))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
