@@ -31,14 +31,16 @@ STEPS = 60
 # emulate it ~20x slower, and --precision auto would mix precisions in one table, so the
 # driver stops there (queue_runs.main). results/v2_fp32_partial/ is seed 0 in float32.
 PRECISION = "bf16"
-COMMON = ["--precision", PRECISION, "--steps", str(STEPS), "--eval-every", "10", "--eval-split", "test",
+COMMON = ["--precision", PRECISION, "--eval-every", "10", "--eval-split", "test",
           "--eval-questions", "0", "--save-every", "5"]
 
 
-def jobs(recipe: list[str] = RECIPE, runs: str = "runs/compare_v3") -> list[tuple[str, list[str]]]:
-    """The runs of one recipe (configs/compare_v2.py passes recipe v2's), output under `runs`."""
+def jobs(recipe: list[str] = RECIPE, runs: str = "runs/compare_v3", steps: int = STEPS) -> list[tuple[str, list[str]]]:
+    """The runs of one recipe (configs/compare_v2.py passes recipe v2's, compare_v4.py
+    more steps), output under `runs`."""
     # seeds in the outer loop: the comparison of a seed is complete before the next starts
-    return [(f"{m}-s{s}", recipe + COMMON + ["--method", m, "--seed", str(s), "--output-dir", f"{runs}/{m}-s{s}"])
+    return [(f"{m}-s{s}", recipe + COMMON + ["--steps", str(steps), "--method", m, "--seed", str(s),
+                                             "--output-dir", f"{runs}/{m}-s{s}"])
             for s in SEEDS for m in METHODS]
 
 if __name__ == "__main__":
