@@ -51,6 +51,8 @@ V1 := $(wildcard results/v1/runs/*-s*)
 V2 := $(wildcard results/v2/runs/*-s*)
 # and recipe v4's (configs/compare_v4.py: v3 for 90 steps), where committed: results/v4/compare.{md,png}
 V4 := $(wildcard results/v4/runs/*-s*)
+# and recipe v5's (configs/compare_v5.py: v4 with --demo jp+lake), where committed: results/v5/compare.{md,png}
+V5 := $(wildcard results/v5/runs/*-s*)
 # and configs/compare_2hop.py's two-hop runs (issue 24), where committed: results/compare_2hop.{md,png}
 HOP2 := $(wildcard results/runs_2hop/*-s*)
 # and configs/compare_2hop_forced.py's, with the forced answer: results/compare_2hop_forced.{md,png}
@@ -65,6 +67,7 @@ results: $(STAMP)
 	$(if $(V1),$(PY) report.py --table $(V1) --plot $(V1) --out results/v1/compare)
 	$(if $(V2),$(PY) report.py --table $(V2) --plot $(V2) --out results/v2/compare)
 	$(if $(V4),$(PY) report.py --table $(V4) --plot $(V4) --out results/v4/compare)
+	$(if $(V5),$(PY) report.py --table $(V5) --plot $(V5) --out results/v5/compare)
 	$(if $(HOP2),$(PY) report.py --table $(HOP2) --plot $(HOP2) --out results/compare_2hop)
 	$(if $(HOP2F),$(PY) report.py --table $(HOP2F) --plot $(HOP2F) --out results/compare_2hop_forced)
 	$(if $(SWEEP),$(PY) report.py --table $(SWEEP) --plot $(SWEEP) --out results/sweep)

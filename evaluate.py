@@ -279,6 +279,7 @@ def main(argv=None, rubric=None, env=None) -> int:
                    help="rollouts per question: 1 is greedy, more are sampled at the run's temperature and top-k")
     p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
                    help="the one-shot demonstration (default: as the run was trained; on for the embedded model)")
+    p.add_argument("--demo", default=None, choices=tuple(tool_env.DEMOS), help="default: the run's, else jp")
     p.add_argument("--search-chars", type=int, default=None, help="default: the run's, else 600")
     p.add_argument("--max-tool-calls", type=int, default=None, help="default: the run's, else the task's")
     p.add_argument("--force-answer", action=argparse.BooleanOptionalAction, default=None,

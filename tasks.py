@@ -50,7 +50,8 @@ def default_tool_calls(task: str) -> int:
 
 def build(config: dict) -> Task:
     """The environment and rubric of a run from its settings: "task", "corpus",
-    "search_chars", "fewshot" (None: on for the embedded model, named by "model"),
+    "search_chars", "fewshot" (None: on for the embedded model, named by "model"), "demo" (a
+    name in tool_env.DEMOS; None: "jp"),
     "max_tool_calls" (None: default_tool_calls), "force_answer" (None: off; ToolEnv),
     "contains_max_extra_words" (None: off; rewards.contains_answer_reward). Raises ValueError, RuntimeError or
     FileNotFoundError with a message for the user (an unknown task, a missing corpus)."""
@@ -60,7 +61,12 @@ def build(config: dict) -> Task:
     fewshot = config.get("fewshot")
     if fewshot is None:  # the embedded 135M model never calls the tool without a demonstration
         fewshot = config.get("model", "smollm2-135m") in models.EMBEDDED
-    demo = (tool_env.FEWSHOT_2HOP if two_hop(task) else tool_env.FEWSHOT) if fewshot else None
+    name = config.get("demo") or "jp"
+    if name not in tool_env.DEMOS:
+        raise ValueError(f"unknown demonstration {name!r}; choose one of {', '.join(tool_env.DEMOS)}")
+    if two_hop(task) and name != "jp":
+        raise ValueError(f"--demo {name} is a one-search demonstration; {task} has its own two-search one")
+    demo = (tool_env.FEWSHOT_2HOP if two_hop(task) else tool_env.DEMOS[name]) if fewshot else None
     calls = config.get("max_tool_calls") or default_tool_calls(task)
     extra = config.get("contains_max_extra_words")  # None: the rubric as the paper weighs it
     rubric = (rewards.two_hop_rubric if two_hop(task) else rewards.paper_rubric)(extra)  # cached: None gives PAPER_RUBRIC

@@ -322,6 +322,26 @@ def test_two_hop_demonstration_shows_two_real_searches():
     assert tasks.build({"task": "factbook"}).rubric is rewards.PAPER_RUBRIC
 
 
+def test_the_plain_name_demonstration_shows_what_the_tool_returns():
+    """--demo jp+lake: FEWSHOT, then FEWSHOT_LAKE, whose result is the real tool's for its
+    query and whose answer is copied from that result; the two-hop task refuses it, an
+    unknown name is refused with the choices."""
+    import corpus
+    import tasks
+
+    search = tool_env.make_tools(corpus.load_corpus("factbook"))["wiki_search"]
+    lake = tool_env.FEWSHOT_LAKE
+    name, args = parse_tool_call(lake[1]["content"])
+    assert name == "wiki_search" and lake[2]["content"] == f"{tool_env.RESULT_OPEN}\n{search(**args)}\n{tool_env.RESULT_CLOSE}"
+    assert lake[-1]["content"].endswith("<answer>Biwa-ko</answer>") and "Biwa-ko" in lake[2]["content"]
+    env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp+lake"}).env
+    assert env.initial_messages({"question": "Q?"})[1:-1] == tool_env.FEWSHOT + lake
+    with pytest.raises(ValueError, match="one-search"):
+        tasks.build({"task": "factbook-2hop", "demo": "jp+lake"})
+    with pytest.raises(ValueError, match="jp, jp\\+lake"):
+        tasks.build({"task": "factbook", "demo": "lake"})
+
+
 def test_the_prompt_describes_each_tool_from_its_schema():
     """transformers' get_json_schema reads the signature and the docstring; the example call
     in the system prompt is the first tool's, with its own first argument; a tool whose

@@ -227,7 +227,9 @@ def system_prompt(tools: dict[str, Callable]) -> str:
 # removes it, so it scores). Demonstrations with a plain-name answer (a lake, a space
 # agency) were tried and kept out: the base model then calls the tool less and answers
 # from memory more, and MT-GRPO stopped calling the tool by step 6
-# (results/diagnostics/demo_variants.md).
+# (results/diagnostics/demo_variants.md). Followed by a plain-name one (--demo jp+lake,
+# FEWSHOT_LAKE below), the base model calls the tool more and answers "."-style less
+# (results/diagnostics/answer_prior.md).
 FEWSHOT = [
     {"role": "user", "content": f"{QUESTION_PREFIX} What is the internet country code of Japan?"},
     {
@@ -245,6 +247,27 @@ FEWSHOT = [
     },
 ]
 
+
+# A second one-search demonstration for `--demo jp+lake` (FEWSHOT, then this): its answer is
+# a plain name copied from the tool result, so the answer's form is no longer only ".jp"
+# (issue 20: recipe v4's MT-GRPO seed 2 answered ".jp" and ".js" to every test question).
+# The result is what the tool returns for the query (test_tool_env checks); no task
+# template asks for lakes.
+FEWSHOT_LAKE = [
+    {"role": "user", "content": f"{QUESTION_PREFIX} What are the major lakes of Japan?"},
+    {
+        "role": "assistant",
+        "content": "<reasoning>I should look up Japan's major lakes.</reasoning>\n"
+        '<tool>{"name": "wiki_search", "args": {"query": "Japan major lakes"}}</tool>',
+    },
+    {"role": "user",
+     "content": f"{RESULT_OPEN}\nJapan - Geography - Major lakes (area sq km)\nfresh water lake(s): Biwa-ko 688 sq km\n{RESULT_CLOSE}"},
+    {"role": "assistant",
+     "content": "<reasoning>The result says the major lake is Biwa-ko.</reasoning>\n<answer>Biwa-ko</answer>"},
+]
+
+# The demonstrations of the one-search tasks, by the name --demo takes.
+DEMOS = {"jp": FEWSHOT, "jp+lake": FEWSHOT + FEWSHOT_LAKE}
 
 # The demonstration of the two-hop task (data.build_two_hop): two searches, the first for
 # the country (Japan, which is no bridge of the task), the second about it; same style as

@@ -161,6 +161,9 @@ def parse_args(argv=None):
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
            "which never calls the tool without it; off for other models: the paper's prompt)")
+    a("--demo", default="jp", choices=tuple(tool_env.DEMOS),
+      help="the one-search demonstration: jp (the internet country code, '.jp'), or jp+lake (then a second "
+           "whose answer is a plain name copied from its result; tool_env.FEWSHOT_LAKE)")
     a("--micro-batch-tokens", type=int, default=U.micro_batch_tokens, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")

@@ -9,6 +9,10 @@ steps, 2880 rollouts per run. Nothing else changes. The runs go to results/v4/ru
 (`make results`: results/v4/compare.{md,png}); MT-GRPO's seeds run first, since they
 decide whether the longer recipe reaches the targets.
 
+Outcome: MT-GRPO seeds 0 and 1 reached 0.461 and 0.452, seed 2 fell into the
+demonstration-answer trap (EM 0 from step 20), so the GRPO-OR and GRPO-MR runs were not
+made (README "Recipe v4"); recipe v5 (configs/compare_v5.py) follows.
+
     python configs/compare_v4.py           # the 9 runs, skipping those in results/v4/runs/
     python configs/compare_v4.py --print   # the commands
 """
