@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ds = data.load_task("factbook", "train")
     rows = [ds[i] for i in range(args.questions)]
-    env = tasks.build({"task": "factbook", "fewshot": True}).env
+    env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env  # issue 23's workload: the '.jp' demo
     G, L = args.group_size, args.max_turn_tokens
     ucfg = train.UpdateConfig(mu=args.mu, temperature=T, max_sampled=L * (env.max_tool_calls + 1))
     base_model, tok = models.load_model(args.model, device)

@@ -107,7 +107,7 @@ def run_config(name: str, args=None) -> dict:
         with open(path) as f:
             saved = json.load(f)
         if "method" in saved:  # train.py's flags; a model folder's config.json is the model's (its "temperature" is no run's)
-            config = saved
+            config = {"demo": "jp", **saved}  # a run saved before --demo existed was trained with the '.jp' demo alone
     given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and k != "model"}
     return {**config, **given}
 
@@ -279,7 +279,7 @@ def main(argv=None, rubric=None, env=None) -> int:
                    help="rollouts per question: 1 is greedy, more are sampled at the run's temperature and top-k")
     p.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=None,
                    help="the one-shot demonstration (default: as the run was trained; on for the embedded model)")
-    p.add_argument("--demo", default=None, choices=tuple(tool_env.DEMOS), help="default: the run's, else jp")
+    p.add_argument("--demo", default=None, choices=tuple(tool_env.DEMOS), help=f"default: the run's, else {tool_env.DEFAULT_DEMO}")
     p.add_argument("--search-chars", type=int, default=None, help="default: the run's, else 600")
     p.add_argument("--max-tool-calls", type=int, default=None, help="default: the run's, else the task's")
     p.add_argument("--force-answer", action=argparse.BooleanOptionalAction, default=None,

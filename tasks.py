@@ -6,7 +6,7 @@ so a run is evaluated and chatted with exactly as it was trained: the same corpu
 --search-chars, the same demonstration, the same tool-call limit, the same rubric.
 
     task             environment (tool_env.ToolEnv)                       rubric (rewards.py)
-    factbook         wiki_search over the task's corpus, the '.jp' demo   PAPER_RUBRIC
+    factbook         wiki_search over the task's corpus, --demo's demo    PAPER_RUBRIC
     triviaqa[:PATH]  the same over a prepared corpus (corpus.py)          PAPER_RUBRIC
     factbook-2hop    the same, a two-search demo, 2 tool calls            TWO_HOP_RUBRIC
 
@@ -51,7 +51,7 @@ def default_tool_calls(task: str) -> int:
 def build(config: dict) -> Task:
     """The environment and rubric of a run from its settings: "task", "corpus",
     "search_chars", "fewshot" (None: on for the embedded model, named by "model"), "demo" (a
-    name in tool_env.DEMOS; None: "jp"),
+    name in tool_env.DEMOS, for the one-search tasks; None: tool_env.DEFAULT_DEMO),
     "max_tool_calls" (None: default_tool_calls), "force_answer" (None: off; ToolEnv),
     "contains_max_extra_words" (None: off; rewards.contains_answer_reward). Raises ValueError, RuntimeError or
     FileNotFoundError with a message for the user (an unknown task, a missing corpus)."""
@@ -61,11 +61,9 @@ def build(config: dict) -> Task:
     fewshot = config.get("fewshot")
     if fewshot is None:  # the embedded 135M model never calls the tool without a demonstration
         fewshot = config.get("model", "smollm2-135m") in models.EMBEDDED
-    name = config.get("demo") or "jp"
+    name = config.get("demo") or tool_env.DEFAULT_DEMO
     if name not in tool_env.DEMOS:
         raise ValueError(f"unknown demonstration {name!r}; choose one of {', '.join(tool_env.DEMOS)}")
-    if two_hop(task) and name != "jp":
-        raise ValueError(f"--demo {name} is a one-search demonstration; {task} has its own two-search one")
     demo = (tool_env.FEWSHOT_2HOP if two_hop(task) else tool_env.DEMOS[name]) if fewshot else None
     calls = config.get("max_tool_calls") or default_tool_calls(task)
     extra = config.get("contains_max_extra_words")  # None: the rubric as the paper weighs it

@@ -70,7 +70,8 @@ def test_run_all_skips_finished_resumes_and_restarts(started):
     assert queue_runs.finished("results/b", 2)
 
 
-@pytest.mark.parametrize("driver", ["compare", "compare_v1", "compare_v2", "compare_2hop", "sweep", "sweep_recipe"])
+@pytest.mark.parametrize("driver", ["compare", "compare_v1", "compare_v2", "compare_v4", "compare_v5", "compare_2hop",
+                                    "sweep", "sweep_recipe"])
 def test_every_driven_command_parses(driver):
     """Each driver's train.py commands are valid: a mistyped flag fails here, not hours
     into a queue of runs."""
@@ -123,11 +124,12 @@ def test_the_comparisons_pin_one_precision():
 
 
 # settings a committed config.json may predate: what its run did without them
-BEFORE_THE_FLAG = {"contains_max_extra_words": None}
+BEFORE_THE_FLAG = {"contains_max_extra_words": None, "demo": "jp"}
 
 
 @pytest.mark.parametrize("driver,results", [("compare", "results/runs"), ("compare_v1", "results/v1/runs"),
-                                            ("compare_v2", "results/v2/runs"),
+                                            ("compare_v2", "results/v2/runs"), ("compare_v4", "results/v4/runs"),
+                                            ("compare_v5", "results/v5/runs"),
                                             ("compare_2hop", "results/runs_2hop"), ("sweep", "results/sweep"),
                                             ("sweep_recipe", "results/sweep_recipe")])
 def test_every_committed_run_is_what_its_driver_runs_today(driver, results):

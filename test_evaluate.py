@@ -59,14 +59,14 @@ def test_a_run_is_evaluated_as_it_was_trained(tmp_path):
     test = data.load_task("factbook", "test")
     assert split == "test" and rows == [test[0], test[len(test) // 3], test[2 * len(test) // 3]]  # spread, not the first 3
     env = tasks.build(config).env
-    assert env.max_tool_calls == 2 and env.demo == tool_env.FEWSHOT
+    assert env.max_tool_calls == 2 and env.demo == tool_env.FEWSHOT  # saved without "demo": trained with '.jp' alone
     assert len(env.tools["wiki_search"]("capital of Egypt")) <= 40 + 4  # cut at the run's budget (+ " ...")
     assert sampler.RolloutConfig.from_dict(config) == sampler.RolloutConfig(max_turn_tokens=24, temperature=0.7)
     given = argparse.Namespace(model=[str(run)], split="validation", limit=0, search_chars=None, temperature=None)
     split, rows = evaluate.held_out(evaluate.run_config(str(run), given))
     assert split == "validation" and len(rows) == len(data.load_task("factbook", "validation"))  # --limit 0: all
     # a model that is no run: the defaults, the demonstration for the embedded model only
-    assert tasks.build(evaluate.run_config("smollm2-135m")).env.demo == tool_env.FEWSHOT
+    assert tasks.build(evaluate.run_config("smollm2-135m")).env.demo == tool_env.DEMOS[tool_env.DEFAULT_DEMO]
     assert tasks.build(evaluate.run_config("Qwen/Qwen2.5-7B")).env.demo is None
     assert evaluate.held_out(evaluate.run_config("smollm2-135m"))[0] == "validation"
 

@@ -315,7 +315,7 @@ def test_two_hop_demonstration_shows_two_real_searches():
     msgs = tasks.build({"task": "factbook-2hop", "fewshot": True}).env.initial_messages({"question": "Q?"})
     assert msgs[1:-1] == demo and msgs[-1]["content"] == "Question: Q?"
     one = tasks.build({"task": "factbook", "fewshot": True}).env
-    assert one.initial_messages({"question": "Q?"})[1:-1] == tool_env.FEWSHOT and one.max_tool_calls == 1
+    assert one.initial_messages({"question": "Q?"})[1:-1] == tool_env.DEMOS[tool_env.DEFAULT_DEMO] and one.max_tool_calls == 1
     import rewards
     two = tasks.build({"task": "factbook-2hop"})
     assert two.env.max_tool_calls == 2 and two.rubric is rewards.TWO_HOP_RUBRIC  # a reward per hop
@@ -324,8 +324,8 @@ def test_two_hop_demonstration_shows_two_real_searches():
 
 def test_the_plain_name_demonstration_shows_what_the_tool_returns():
     """--demo jp+lake: FEWSHOT, then FEWSHOT_LAKE, whose result is the real tool's for its
-    query and whose answer is copied from that result; the two-hop task refuses it, an
-    unknown name is refused with the choices."""
+    query and whose answer is copied from that result; the two-hop task keeps its own
+    demonstration, an unknown name is refused with the choices."""
     import corpus
     import tasks
 
@@ -336,8 +336,8 @@ def test_the_plain_name_demonstration_shows_what_the_tool_returns():
     assert lake[-1]["content"].endswith("<answer>Biwa-ko</answer>") and "Biwa-ko" in lake[2]["content"]
     env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp+lake"}).env
     assert env.initial_messages({"question": "Q?"})[1:-1] == tool_env.FEWSHOT + lake
-    with pytest.raises(ValueError, match="one-search"):
-        tasks.build({"task": "factbook-2hop", "demo": "jp+lake"})
+    assert tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env.demo == tool_env.FEWSHOT
+    assert tasks.build({"task": "factbook-2hop", "fewshot": True, "demo": "jp+lake"}).env.demo == tool_env.FEWSHOT_2HOP
     with pytest.raises(ValueError, match="jp, jp\\+lake"):
         tasks.build({"task": "factbook", "demo": "lake"})
 

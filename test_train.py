@@ -17,6 +17,7 @@ import logprobs
 import models
 import precision
 import sampler
+import tool_env
 import train
 from conftest import TEST_RUBRIC, in_dtype, run_scripted, run_update, train_main, two_groups
 
@@ -156,6 +157,20 @@ def test_lr_factor_warms_up_then_decays_to_the_floor_and_stays():
     assert train.parse_args([]).lr_decay_steps == 60 and train.parse_args([]).steps == 30
     assert f(29, 5, 60, "cosine", 0.1) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 24 / 54)))
     assert f(29, 5, 30, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_a_run_saved_before_demo_resumes_with_the_jp_demonstration(tmp_path):
+    """--demo's default is recipe v5's jp+lake; a run whose config.json predates the flag
+    was trained with '.jp' alone and must go on with it when resumed (and be evaluated
+    with it: test_evaluate), while a run that saved its demo keeps what it saved."""
+    assert train.parse_args([]).demo == tool_env.DEFAULT_DEMO == "jp+lake"
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    (old / "config.json").write_text(json.dumps({"method": "mt-grpo"}))
+    (new / "config.json").write_text(json.dumps({"method": "mt-grpo", "demo": "jp+lake"}))
+    assert train.parse_args(["--resume", "--output-dir", str(old)]).demo == "jp"
+    assert train.parse_args(["--output-dir", str(old)]).demo == "jp+lake"  # not resumed: a new run's default
+    assert train.parse_args(["--resume", "--output-dir", str(new)]).demo == "jp+lake"
 
 
 def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tiny, tmp_path, monkeypatch, capsys):

@@ -266,8 +266,10 @@ FEWSHOT_LAKE = [
      "content": "<reasoning>The result says the major lake is Biwa-ko.</reasoning>\n<answer>Biwa-ko</answer>"},
 ]
 
-# The demonstrations of the one-search tasks, by the name --demo takes.
+# The demonstrations of the one-search tasks, by the name --demo takes. The default is
+# recipe v5's; runs saved before --demo existed used "jp" (evaluate.run_config).
 DEMOS = {"jp": FEWSHOT, "jp+lake": FEWSHOT + FEWSHOT_LAKE}
+DEFAULT_DEMO = "jp+lake"
 
 # The demonstration of the two-hop task (data.build_two_hop): two searches, the first for
 # the country (Japan, which is no bridge of the task), the second about it; same style as

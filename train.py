@@ -161,9 +161,9 @@ def parse_args(argv=None):
     a("--fewshot", action=argparse.BooleanOptionalAction, default=None,
       help="a one-shot tool-use demonstration before the question (default: on for the embedded model, "
            "which never calls the tool without it; off for other models: the paper's prompt)")
-    a("--demo", default="jp", choices=tuple(tool_env.DEMOS),
-      help="the one-search demonstration: jp (the internet country code, '.jp'), or jp+lake (then a second "
-           "whose answer is a plain name copied from its result; tool_env.FEWSHOT_LAKE)")
+    a("--demo", default=tool_env.DEFAULT_DEMO, choices=tuple(tool_env.DEMOS),
+      help="the one-search demonstration: jp+lake (recipe v5: the internet country code, '.jp', then a second "
+           "whose answer is a plain name copied from its result, tool_env.FEWSHOT_LAKE) or jp (recipes v2-v4: the first alone); factbook-2hop shows its own two-search demonstration")
     a("--micro-batch-tokens", type=int, default=U.micro_batch_tokens, help="padded tokens per forward/backward; bounds activation memory")
     a("--seed", type=int, default=0)
     a("--output-dir", default="runs/default")
@@ -189,6 +189,9 @@ def parse_args(argv=None):
         args.fewshot = args.model in models.EMBEDDED
     if args.max_tool_calls is None:
         args.max_tool_calls = tasks.default_tool_calls(args.task)
+    saved = os.path.join(args.output_dir, "config.json")
+    if args.resume and os.path.isfile(saved) and "demo" not in json.load(open(saved)):
+        args.demo = "jp"  # a run saved before --demo existed goes on with the demonstration it was trained with
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "max_tool_calls",
                  "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:

@@ -21,7 +21,7 @@ import queue_runs
 # recipe v1, every setting that train.py's defaults have since changed spelled out, so that
 # these commands (and configs/compare_v1.py's) still run what they ran (test_configs.py)
 BASE = ["--group-size", "8", "--questions-per-step", "2", "--lr", "3e-5", "--temperature", "0.9",
-        "--max-turn-tokens", "64", "--mu", "2", "--fewshot",
+        "--max-turn-tokens", "64", "--mu", "2", "--fewshot", "--demo", "jp",
         "--warmup-steps", "0", "--lr-schedule", "constant", "--contains-max-extra-words", "none"]
 STEPS = 30
 GRID = [("lr1e-5-t0.9", ["--lr", "1e-5"]), ("lr3e-5-t0.9", []), ("lr1e-4-t0.9", ["--lr", "1e-4"]),

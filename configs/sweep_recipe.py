@@ -51,7 +51,7 @@ import queue_runs
 
 BASE = ["--group-size", "8", "--questions-per-step", "4", "--lr", "3e-5", "--mu", "1",
         "--warmup-steps", "5", "--lr-schedule", "cosine", "--lr-floor", "0.1",
-        "--temperature", "0.9", "--max-turn-tokens", "64", "--fewshot"]
+        "--temperature", "0.9", "--max-turn-tokens", "64", "--fewshot", "--demo", "jp"]  # '.jp' alone: before v5
 RECIPE_V2 = BASE + ["--contains-max-extra-words", "none"]  # the paper's contains_answer
 RECIPE = BASE + ["--contains-max-extra-words", "1"]  # recipe v3: train.py's defaults, configs/compare.py's recipe
 STEPS = 60
