@@ -4,8 +4,9 @@ Recipe v3's comparison (configs/compare.py, results/runs/) stopped at 60 steps w
 curves were still rising: MT-GRPO's test EM went up from step 50 to step 60 in seeds 0
 and 2 (0.409 -> 0.426, 0.417 -> 0.452), and its training EM rose through step 50 in
 every seed. Issue 20 asks for as many steps as the curves need to settle, so v4 is v3
-with 90 steps: the same warm-up and the same cosine decay to 0.1 x lr, stretched over 90
-steps, 2880 rollouts per run. Nothing else changes. The runs go to results/v4/runs/
+with 90 steps: the same warm-up and the same cosine decay, which reaches 0.1 x lr at step
+60 (--lr-decay-steps' default), then 30 more steps at that floor; 2880 rollouts per run.
+Nothing else changes. The runs go to results/v4/runs/
 (`make results`: results/v4/compare.{md,png}); MT-GRPO's seeds run first, since they
 decide whether the longer recipe reaches the targets.
 
