@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from data import load_task
 
     path = models._embedded_path("smollm2-135m")
-    env = tasks.build({"task": "factbook", "fewshot": True}).env  # the same prompt as bench.py's
+    env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env  # the same prompt as bench.py's
     rows = load_task("factbook", "train")
     prompts = [env.initial_messages(rows[i]) for i in range(args.questions)]
     steps = args.mu * (1 + args.repeats)

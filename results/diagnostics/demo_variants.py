@@ -21,7 +21,7 @@ V = {
 name = sys.argv[1]
 if V[name] is not None:
     tool_env.FEWSHOT[:] = V[name]
-task = tasks.build({"task": "factbook", "fewshot": True})
+task = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"})  # DEMOS["jp"] is FEWSHOT, set above
 env, rubric = task.env, task.rubric
 if name == "space":
     print(repr(env.tools["wiki_search"]("Japan space agency")))

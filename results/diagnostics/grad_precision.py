@@ -25,7 +25,7 @@ import tasks  # noqa: E402
 import train  # noqa: E402
 
 G, L, QUESTIONS, SEED = 8, 64, 8, 3
-task = tasks.build({"task": "factbook", "fewshot": True})
+task = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"})
 rows = [data.load_task("factbook", "train")[i] for i in range(QUESTIONS)]
 ucfg = train.UpdateConfig(mu=1, temperature=0.9, max_sampled=L * (task.env.max_tool_calls + 1), grad_clip=1e9)
 m32, tok = models.load_model("smollm2-135m", "cpu")

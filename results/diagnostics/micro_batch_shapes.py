@@ -35,7 +35,7 @@ ROUNDS, SEED = 3, 2
 
 torch.manual_seed(0)
 rows = [data.load_task("factbook", "train")[i] for i in range(2)]
-env = tasks.build({"task": "factbook", "fewshot": True}).env
+env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env
 model, tok = models.load_model("smollm2-135m", "cpu")
 master = precision.MasterWeights(model, "bf16")
 opt = bench.ready_optimizer(master)  # lr 0: no update moves the weights

@@ -32,7 +32,7 @@ def main(order):
     import train
 
     rows = [data.load_task("factbook", "train")[i] for i in range(2)]
-    env = tasks.build({"task": "factbook", "fewshot": True}).env
+    env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env
     cfg = sampler.RolloutConfig(max_turn_tokens=64, temperature=bench.T, top_k=bench.K)
 
     def update():

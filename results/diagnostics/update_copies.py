@@ -70,7 +70,7 @@ def workload(variant: str = "today"):
 
     torch.manual_seed(0)
     rows = [data.load_task("factbook", "train")[i] for i in range(2)]
-    env = tasks.build({"task": "factbook", "fewshot": True}).env
+    env = tasks.build({"task": "factbook", "fewshot": True, "demo": "jp"}).env
     model, tok = models.load_model("smollm2-135m", "cpu")
     master = precision.MasterWeights(model, "bf16")
     if variant.split("+")[0] in COLLECTS:
