@@ -107,7 +107,7 @@ def run_config(name: str, args=None) -> dict:
         with open(path) as f:
             saved = json.load(f)
         if "method" in saved:  # train.py's flags; a model folder's config.json is the model's (its "temperature" is no run's)
-            config = {"demo": "jp", **saved}  # a run saved before --demo existed was trained with the '.jp' demo alone
+            config = {"demo": tool_env.DEMO_BEFORE_THE_FLAG, **saved}  # a run saved before --demo existed
     given = {k: v for k, v in vars(args or argparse.Namespace()).items() if v is not None and k != "model"}
     return {**config, **given}
 

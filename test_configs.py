@@ -124,7 +124,7 @@ def test_the_comparisons_pin_one_precision():
 
 
 # settings a committed config.json may predate: what its run did without them
-BEFORE_THE_FLAG = {"contains_max_extra_words": None, "demo": "jp"}
+BEFORE_THE_FLAG = {"contains_max_extra_words": None, "demo": "jp"}  # tool_env.DEMO_BEFORE_THE_FLAG
 
 
 @pytest.mark.parametrize("driver,results", [("compare", "results/runs"), ("compare_v1", "results/v1/runs"),

@@ -267,9 +267,11 @@ FEWSHOT_LAKE = [
 ]
 
 # The demonstrations of the one-search tasks, by the name --demo takes. The default is
-# recipe v5's; runs saved before --demo existed used "jp" (evaluate.run_config).
+# recipe v5's; runs saved before --demo existed used DEMO_BEFORE_THE_FLAG (evaluate.run_config
+# evaluates them, and train.py resumes them, with it).
 DEMOS = {"jp": FEWSHOT, "jp+lake": FEWSHOT + FEWSHOT_LAKE}
 DEFAULT_DEMO = "jp+lake"
+DEMO_BEFORE_THE_FLAG = "jp"
 
 # The demonstration of the two-hop task (data.build_two_hop): two searches, the first for
 # the country (Japan, which is no bridge of the task), the second about it; same style as

@@ -190,8 +190,10 @@ def parse_args(argv=None):
     if args.max_tool_calls is None:
         args.max_tool_calls = tasks.default_tool_calls(args.task)
     saved = os.path.join(args.output_dir, "config.json")
-    if args.resume and os.path.isfile(saved) and "demo" not in json.load(open(saved)):
-        args.demo = "jp"  # a run saved before --demo existed goes on with the demonstration it was trained with
+    if args.resume and os.path.isfile(saved):
+        with open(saved) as f:
+            if "demo" not in json.load(f):  # a run saved before --demo existed goes on with the demo it was trained with
+                args.demo = tool_env.DEMO_BEFORE_THE_FLAG
     for name in ("steps", "questions_per_step", "group_size", "mu", "max_turn_tokens", "max_tool_calls",
                  "micro_batch_tokens", "save_every"):
         if getattr(args, name) < 1:
