@@ -30,7 +30,6 @@ import sampler  # noqa: E402
 import tasks  # noqa: E402
 import tool_env  # noqa: E402
 
-R = tool_env.RESULT_OPEN
 SAMPLES = 4
 
 
@@ -43,7 +42,7 @@ def answer_shares(episodes) -> dict:
         n += 1
         dot += final.strip().startswith(".")
         demo_answer += rewards.normalize_answer(final) in ("jp", "biwa ko")
-        results = " ".join(m["content"] for m in e.messages if m["role"] == "user" and m["content"].startswith(R))
+        results = " ".join(tool_env.tool_results(e.messages))  # the episode's own, not the demonstrations'
         words = rewards.normalize_answer(final).split()
         from_result += bool(words) and all(w in rewards.normalize_answer(results).split() for w in words)
     return {"answered": n / len(episodes), "starts with '.'": dot / max(n, 1),
