@@ -87,13 +87,26 @@ def test_torchrun_training_logs_one_line_per_step(tiny, tmp_path):
 class FakeNccl:
     """A 2-process world simulated by two threads, for train.sum_gradients: all_reduce
     sums over the threads, records every tensor's device, and refuses a CPU tensor as
-    NCCL does (it has no CPU backend)."""
+    NCCL does (it has no CPU backend).
+
+    The threads take turns: one holds `turn` while it computes and lets go only while it
+    waits for the other at a barrier. Torch's lazy device is not safe to use from two
+    threads at once (CI saw a segmentation fault), and real processes never share it."""
 
     def __init__(self, world=2):
         import threading
 
         self.world, self.local = world, threading.local()
         self.barrier, self.slots, self.calls = threading.Barrier(world), {}, []
+        self.turn = threading.Lock()
+
+    def wait(self):
+        """Meet the other threads at the barrier, letting go of the turn meanwhile."""
+        self.turn.release()
+        try:
+            self.barrier.wait()
+        finally:
+            self.turn.acquire()
 
     def rank(self):
         return self.local.rank, self.world
@@ -104,9 +117,9 @@ class FakeNccl:
         n = self.local.n = getattr(self.local, "n", 0) + 1  # this process's n-th collective
         self.calls.append((self.local.rank, t.device.type, t.numel()))
         self.slots[n, self.local.rank] = t.clone()
-        self.barrier.wait()
+        self.wait()
         t.copy_(sum(self.slots[n, r] for r in range(self.world)))
-        self.barrier.wait()  # everyone has read slot n
+        self.wait()  # everyone has read slot n
 
     def run(self, fn, *args):
         """fn(rank, *args) on each simulated process; their results in rank order."""
@@ -116,11 +129,12 @@ class FakeNccl:
 
         def body(rank):
             self.local.rank = rank
-            try:
-                out[rank] = fn(rank, *args)
-            except Exception as e:  # noqa: BLE001: reported below
-                errors.append(e)
-                self.barrier.abort()
+            with self.turn:
+                try:
+                    out[rank] = fn(rank, *args)
+                except Exception as e:  # noqa: BLE001: reported below
+                    errors.append(e)
+                    self.barrier.abort()
 
         threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
         for th in threads:
