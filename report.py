@@ -50,6 +50,17 @@ def run_label(run_dir: str) -> str:
     return re.sub(r"[-_]s(eed)?\d+$", "", os.path.basename(os.path.normpath(run_dir)))
 
 
+def _in_progress(run_dir: str) -> bool:
+    """A run still training: its log stops before the --steps its config.json asks for."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        steps = json.load(f).get("steps")
+    log = read_log(run_dir)
+    return steps is not None and bool(log) and log[-1]["step"] < steps
+
+
 def group_runs(run_dirs: list[str]) -> dict[str, list[list[dict]]]:
     """{label: [log of each seed]}, in the order the runs were given."""
     groups: dict[str, list[list[dict]]] = {}
@@ -150,8 +161,11 @@ def _cell(vals: list[float]) -> str:
 def results_table(run_dirs: list[str]) -> str:
     """Markdown table of the held-out evaluations that train.py logged: the model before
     training (every run's step-0 evaluation) and each label at its last evaluated step.
-    Cells are the mean over the runs and, where they differ, their (min-max)."""
+    Cells are the mean over the runs and, where they differ, their (min-max). While a
+    seed is still training (its log stops before its config.json's --steps), its label's
+    row is at the last step every seed evaluated, marked "in progress"."""
     groups = group_runs(run_dirs)
+    running = {run_label(d) for d in run_dirs if _in_progress(d)}
     evaluated = [r for logs in groups.values() for log in logs for r in log if "eval_exact_match" in r]
     cols = TABLE_COLS + tuple(c for c in HOP_COLS if evaluated and all(f"eval_{c[0]}" in r for r in evaluated))
     head = ["model", "runs", "step"] + [t for _, t in cols] + ["wall time / run"]
@@ -165,12 +179,17 @@ def results_table(run_dirs: list[str]) -> str:
         if not all(evals):
             raise ValueError(f"{label}: a run has no evaluation after step 0 (train.py --eval-every)")
         last = [e[-1] for e in evals]
+        step = str(last[0]["step"])
         if len({r["step"] for r in last}) > 1:
-            raise ValueError(f"{label}: seeds end at different steps {sorted(r['step'] for r in last)}")
+            if label not in running:
+                raise ValueError(f"{label}: seeds end at different steps {sorted(r['step'] for r in last)}")
+            common = max(set.intersection(*({r["step"] for r in e} for e in evals)))
+            last = [next(r for r in e if r["step"] == common) for e in evals]
+            step = f"{common} (in progress)"
         cells = [_cell([r[f"eval_{k}"] for r in last]) for k, _ in cols]
         minutes = [sum(r.get(t, 0.0) for r in log for t in ("time_sample", "time_score", "time_update", "time_eval")) / 60
                    for log in logs]
-        lines.append("| " + " | ".join([label, str(len(logs)), str(last[0]["step"])] + cells
+        lines.append("| " + " | ".join([label, str(len(logs)), step] + cells
                                         + [f"{sum(minutes) / len(minutes):.1f} min"]) + " |")
     return "\n".join(lines)
 

@@ -83,6 +83,16 @@ def test_seed_grouping_and_results_table(tmp_path):
     _write_log(tmp_path / "late-s1", [_eval(0, 0.1, 0.2), {"step": 2, **train, **_eval(2, 0.2, 0.0)}])
     with pytest.raises(ValueError, match="different steps"):
         report.results_table([str(tmp_path / "late-s0"), str(tmp_path / "late-s1")])
+    # a seed still training (its config asks for 4 steps): the row is at the last step both evaluated
+    _write_log(tmp_path / "go-s0", [_eval(0, 0.1, 0.2), _eval(2, 0.3, 1.0), _eval(4, 0.5, 1.0)])
+    _write_log(tmp_path / "go-s1", [_eval(0, 0.1, 0.2), _eval(2, 0.1, 0.0), {"step": 3, **train}])
+    for run in ("go-s0", "go-s1"):
+        (tmp_path / run / "config.json").write_text(json.dumps({"steps": 4}))
+    lines = report.results_table([str(tmp_path / "go-s0"), str(tmp_path / "go-s1")]).splitlines()
+    assert lines[3].startswith("| go | 2 | 2 (in progress) | 0.500 (0.000-1.000) | 1.000 | 0.500 | 0.200 (0.100-0.300) |")
+    (tmp_path / "go-s1" / "config.json").write_text(json.dumps({"steps": 3}))  # both finished, at different steps
+    with pytest.raises(ValueError, match="different steps"):
+        report.results_table([str(tmp_path / "go-s0"), str(tmp_path / "go-s1")])
 
 
 def test_results_table_has_the_hop_columns_when_every_evaluation_has_them(tmp_path):
