@@ -175,7 +175,8 @@ def results_table(run_dirs: list[str]) -> str:
         cells = [_cell([r[f"eval_{k}"] for r in start]) for k, _ in cols]
         lines.append("| " + " | ".join(["base model", str(len(start)), "0"] + cells + ["-"]) + " |")
     for label, logs in groups.items():
-        evals = [[r for r in log if "eval_exact_match" in r and r["step"] > 0] for log in logs]
+        first = 0 if label in running else 1  # a seed still training may have no evaluation after step 0 yet
+        evals = [[r for r in log if "eval_exact_match" in r and r["step"] >= first] for log in logs]
         if not all(evals):
             raise ValueError(f"{label}: a run has no evaluation after step 0 (train.py --eval-every)")
         last = [e[-1] for e in evals]

@@ -90,6 +90,10 @@ def test_seed_grouping_and_results_table(tmp_path):
         (tmp_path / run / "config.json").write_text(json.dumps({"steps": 4}))
     lines = report.results_table([str(tmp_path / "go-s0"), str(tmp_path / "go-s1")]).splitlines()
     assert lines[3].startswith("| go | 2 | 2 (in progress) | 0.500 (0.000-1.000) | 1.000 | 0.500 | 0.200 (0.100-0.300) |")
+    _write_log(tmp_path / "go-s2", [_eval(0, 0.1, 0.2), {"step": 1, **train}])  # a seed just started
+    (tmp_path / "go-s2" / "config.json").write_text(json.dumps({"steps": 4}))
+    lines = report.results_table([str(tmp_path / f"go-s{i}") for i in range(3)]).splitlines()
+    assert lines[3].startswith("| go | 3 | 0 (in progress) | 0.200 | 1.000 | 0.500 | 0.100 |")
     (tmp_path / "go-s1" / "config.json").write_text(json.dumps({"steps": 3}))  # both finished, at different steps
     with pytest.raises(ValueError, match="different steps"):
         report.results_table([str(tmp_path / "go-s0"), str(tmp_path / "go-s1")])
