@@ -214,6 +214,27 @@ def curves_table(run_dirs: list[str], key: str = "exact_match", drops_from: int 
     return "\n".join(lines)
 
 
+def seed_range_table(run_dirs: list[str], key: str = "exact_match") -> str:
+    """Markdown table of one held-out metric per label and evaluation: the lowest and the
+    highest seed ("lo-hi"), so "the worst MT-GRPO seed above the best GRPO-OR seed at every
+    evaluation" (issue 20) reads off two rows. A step that only some seeds have evaluated
+    yet shows how many ("lo-hi (2 of 3)")."""
+    groups = group_runs(run_dirs)
+    per_label = {label: [{r["step"]: r[f"eval_{key}"] for r in log if f"eval_{key}" in r} for log in logs]
+                 for label, logs in groups.items()}
+    steps = sorted({s for curves in per_label.values() for c in curves for s in c})
+    head = ["method, lowest-highest seed"] + [f"step {s}" for s in steps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, curves in per_label.items():
+        cells = []
+        for s in steps:
+            vals = [c[s] for c in curves if s in c]
+            cell = "-" if not vals else f"{min(vals):.3f}-{max(vals):.3f}"
+            cells.append(cell + (f" ({len(vals)} of {len(curves)})" if 0 < len(vals) < len(curves) else ""))
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="plot these runs' log.jsonl to OUT.png")
@@ -228,7 +249,8 @@ def main(argv=None) -> int:
             print("wrote", plot_runs(args.plot, args.out + ".png"))
         if args.table:
             text = (results_table(args.table) + "\n\nExact match at every evaluation, per run:\n\n"
-                    + curves_table(args.table))
+                    + curves_table(args.table) + "\n\nExact match per method, lowest and highest seed:\n\n"
+                    + seed_range_table(args.table))
             with open(args.out + ".md", "w") as f:
                 f.write(text + "\n")
             print(text + f"\nwrote {args.out}.md")

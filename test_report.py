@@ -123,3 +123,16 @@ def test_curves_table_has_every_evaluation_and_the_largest_late_drop(tmp_path):
     assert lines[3] == "| b-s1 | 0.000 | 0.400 | 0.100 | 0.200 | 0.300 | - | 0.000 |"
     assert report.curves_table([str(tmp_path / "a-s0")], drops_from=20).endswith("| 0.440 | 0.200 |")  # 0.5 -> 0.3 counts
     assert report.curves_table([str(tmp_path / "a-s0")], drops_from=50).endswith("| 0.440 | - |")  # one late point: no fall
+
+
+def test_seed_range_table_is_the_lowest_and_highest_seed_per_method(tmp_path):
+    _write_log(tmp_path / "mt-s0", [_eval(0, 0.1, 1.0), _eval(10, 0.4, 1.0), _eval(20, 0.5, 1.0)])
+    _write_log(tmp_path / "mt-s1", [_eval(0, 0.1, 1.0), _eval(10, 0.3, 1.0), _eval(20, 0.6, 1.0)])
+    _write_log(tmp_path / "or-s0", [_eval(0, 0.1, 1.0), _eval(10, 0.2, 0.0)])  # still training: no step 20 yet
+    _write_log(tmp_path / "or-s1", [_eval(0, 0.1, 1.0), _eval(10, 0.0, 0.0), _eval(20, 0.05, 0.0)])
+    runs = [str(tmp_path / r) for r in ("mt-s0", "mt-s1", "or-s0", "or-s1")]
+    lines = report.seed_range_table(runs).splitlines()
+    assert lines[0] == "| method, lowest-highest seed | step 0 | step 10 | step 20 |"
+    assert lines[2] == "| mt | 0.100-0.100 | 0.300-0.400 | 0.500-0.600 |"
+    assert lines[3] == "| or | 0.100-0.100 | 0.000-0.200 | 0.050-0.050 (1 of 2) |"
+    assert report.seed_range_table(runs, key="tool_call_rate").splitlines()[3].endswith("| 0.000-0.000 (1 of 2) |")
