@@ -42,16 +42,15 @@ bench-trl: $(STAMP)
 	.venv-trl/bin/python -m pip install -q -r requirements.txt trl==1.16.0
 	$(PY) bench.py
 
-# README "Results": the table (results/compare.md) and the plot (results/compare.png) of
-# recipe v3's comparison (configs/compare.py), where its runs are committed, and the earlier
-# recipes' (configs/compare_v1.py, compare_v2.py: results/v1/, results/v2/compare.{md,png}),
-# regenerated from the committed logs
+# README "Results": the table and plot of recipe v5's comparison (configs/compare_v5.py:
+# v4 with --demo jp+lake; results/v5/compare.{md,png}) and of the earlier recipes, where
+# their runs are committed: v3 (configs/compare.py: results/compare.{md,png}), v1 and v2
+# (configs/compare_v1.py, compare_v2.py: results/v1/, results/v2/), v4 (configs/compare_v4.py:
+# v3 for 90 steps, results/v4/), all regenerated from the committed logs
 RUNS := $(wildcard results/runs/*-s*)
 V1 := $(wildcard results/v1/runs/*-s*)
 V2 := $(wildcard results/v2/runs/*-s*)
-# and recipe v4's (configs/compare_v4.py: v3 for 90 steps), where committed: results/v4/compare.{md,png}
 V4 := $(wildcard results/v4/runs/*-s*)
-# and recipe v5's (configs/compare_v5.py: v4 with --demo jp+lake), where committed: results/v5/compare.{md,png}
 V5 := $(wildcard results/v5/runs/*-s*)
 # and configs/compare_2hop.py's two-hop runs (issue 24), where committed: results/compare_2hop.{md,png}
 HOP2 := $(wildcard results/runs_2hop/*-s*)

@@ -1,4 +1,4 @@
-"""MT-GRPO vs GRPO-OR vs GRPO-MR with recipe v3 (README "Results"): 3 methods x seeds 0, 1, 2.
+"""MT-GRPO vs GRPO-OR vs GRPO-MR with recipe v3 (README "Recipe v3"): 3 methods x seeds 0, 1, 2.
 
 Recipe v3 (configs/sweep_recipe.py's RECIPE, chosen on the validation split: results/README.md)
 is G = 8, 4 questions per step, mu = 1, lr 3e-5 with 5 steps of warm-up and a cosine decay

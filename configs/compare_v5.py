@@ -1,5 +1,5 @@
-"""Recipe v5: recipe v4 with the two-answer demonstration (--demo jp+lake), MT-GRPO vs
-GRPO-OR vs GRPO-MR, seeds 0, 1, 2.
+"""Recipe v5 (README "Results"): recipe v4 with the two-answer demonstration
+(--demo jp+lake), MT-GRPO vs GRPO-OR vs GRPO-MR, seeds 0, 1, 2.
 
 Recipe v4 (configs/compare_v4.py) brought MT-GRPO seeds 0 and 1 to test EM 0.461 and
 0.452 at step 90, but seed 2 fell into the demonstration-answer trap: its training
