@@ -69,9 +69,14 @@ def group_runs(run_dirs: list[str]) -> dict[str, list[list[dict]]]:
     return groups
 
 
+def curve(log: list[dict], key: str) -> dict[int, float]:
+    """{step: value} of `key` at the steps where the log has it."""
+    return {r["step"]: r[key] for r in log if r.get(key) is not None}
+
+
 def across_seeds(logs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """(steps, mean, min, max) of `key` over the seeds, at the steps every seed logged it."""
-    per_seed = [{r["step"]: r[key] for r in log if r.get(key) is not None} for log in logs]
+    per_seed = [curve(log, key) for log in logs]
     steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
     vals = [[p[s] for p in per_seed] for s in steps]
     return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
@@ -202,7 +207,7 @@ def curves_table(run_dirs: list[str], key: str = "exact_match", drops_from: int 
     curves = {}
     for run in run_dirs:
         log = read_log(run)
-        curves[os.path.basename(os.path.normpath(run))] = {r["step"]: r[f"eval_{key}"] for r in log if f"eval_{key}" in r}
+        curves[os.path.basename(os.path.normpath(run))] = curve(log, f"eval_{key}")
     steps = sorted({s for c in curves.values() for s in c})
     head = ["run"] + [f"step {s}" for s in steps] + [f"largest drop from step {drops_from}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -220,8 +225,7 @@ def seed_range_table(run_dirs: list[str], key: str = "exact_match") -> str:
     evaluation" (issue 20) reads off two rows. A step that only some seeds have evaluated
     yet shows how many ("lo-hi (2 of 3)")."""
     groups = group_runs(run_dirs)
-    per_label = {label: [{r["step"]: r[f"eval_{key}"] for r in log if f"eval_{key}" in r} for log in logs]
-                 for label, logs in groups.items()}
+    per_label = {label: [curve(log, f"eval_{key}") for log in logs] for label, logs in groups.items()}
     steps = sorted({s for curves in per_label.values() for c in curves for s in c})
     head = ["method, lowest-highest seed"] + [f"step {s}" for s in steps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
